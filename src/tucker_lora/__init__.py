@@ -1,0 +1,27 @@
+"""tucker-lora: five-mode Tucker-LoRA adapters for peft.
+
+``import tucker_lora`` registers the method with peft under the name ``tucker_lora``
+(``PeftType.TUCKER_LORA``), so ``get_peft_model``, ``PeftModel.from_pretrained`` and the rest of
+peft's lifecycle work with ``TuckerLoraConfig``.
+"""
+
+from .config import TuckerLoraConfig
+from .io import AdapterFileError, check_safetensors, save_adapter
+from .layer import TuckerLoraLayer
+from .model import TuckerLoraModel
+from .registry import TUCKER_LORA, register
+
+register(TuckerLoraConfig, TuckerLoraModel)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "TUCKER_LORA",
+    "AdapterFileError",
+    "TuckerLoraConfig",
+    "TuckerLoraLayer",
+    "TuckerLoraModel",
+    "check_safetensors",
+    "save_adapter",
+    "__version__",
+]

@@ -1,0 +1,97 @@
+"""``TuckerLoraConfig``: the peft config of a Tucker-LoRA adapter."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional, Union
+
+from peft.config import PeftConfig
+
+from .io import WEIGHTS_NAME, check_safetensors
+from .registry import TUCKER_LORA
+from .tucker import validate_ranks
+
+#: Values of ``init_weights`` this version understands.
+INIT_CHOICES: tuple[object, ...] = (True, False)
+
+
+@dataclass
+class TuckerLoraConfig(PeftConfig):
+    """Configuration of a five-mode Tucker-LoRA adapter (``W~ = W + alpha * dW``).
+
+    Args:
+        ranks: ``(r_o, r_i, r_t, r_h, r_w)``, the Tucker rank per mode in the paper's order. Entries
+            for modes a layer lacks are ignored (a Conv2d has no t, a Linear only o and i); a rank
+            above the mode size is clipped to it; ``0`` on a kernel mode pins that mode to its
+            centre tap (``r_t = 0`` on a Conv3d is the pseudo-3D adapter); ``r_o``/``r_i`` must be >= 1.
+        alpha: scale of the update, ``W~ = W + alpha * dW`` (no division by rank).
+        target_modules: module names (exact or suffix) or one regex, as in peft.
+        exclude_modules: module names or a regex never to adapt.
+        rank_pattern: ``{name or regex: ranks}`` overriding ``ranks`` per layer.
+        alpha_pattern: ``{name or regex: alpha}`` overriding ``alpha`` per layer.
+        init_weights: ``True``: orthonormal factors and a zero core (the model is unchanged);
+            ``False``: a random non-zero core (a non-identity adapter, for tests).
+        core_init_scale: with ``init_weights=True``, the core starts as ``core_init_scale * N(0, 1)``
+            (the paper's small core) instead of zero.
+        dropout: dropout on the adapter's input during training.
+        modules_to_save: extra modules trained in full and saved with the adapter.
+    """
+
+    ranks: tuple[int, int, int, int, int] = field(
+        default=(4, 4, 1, 1, 1), metadata={"help": "Tucker ranks (r_o, r_i, r_t, r_h, r_w)."}
+    )
+    alpha: float = field(default=1.0, metadata={"help": "Scale of the update: W + alpha * dW."})
+    target_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names (exact or suffix match) or a regex to adapt."}
+    )
+    exclude_modules: Optional[Union[list[str], str]] = field(
+        default=None, metadata={"help": "Module names or a regex to leave alone."}
+    )
+    rank_pattern: dict = field(default_factory=dict, metadata={"help": "{name or regex: ranks} per layer."})
+    alpha_pattern: dict = field(default_factory=dict, metadata={"help": "{name or regex: alpha} per layer."})
+    init_weights: Union[bool, str] = field(
+        default=True, metadata={"help": "True: zero core (identity); False: random core."}
+    )
+    core_init_scale: float = field(default=0.0, metadata={"help": "Std of the initial core when init_weights=True."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
+    modules_to_save: Optional[list[str]] = field(
+        default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.peft_type = TUCKER_LORA
+        self.ranks = validate_ranks(self.ranks, "ranks")
+        self.rank_pattern = {k: validate_ranks(v, f"rank_pattern[{k!r}]") for k, v in self.rank_pattern.items()}
+        self.alpha = _check_alpha(self.alpha, "alpha")
+        self.alpha_pattern = {k: _check_alpha(v, f"alpha_pattern[{k!r}]") for k, v in self.alpha_pattern.items()}
+        if not any(self.init_weights is c for c in INIT_CHOICES):
+            raise ValueError(f"init_weights must be one of {INIT_CHOICES}, got {self.init_weights!r}")
+        if not (isinstance(self.core_init_scale, (int, float)) and self.core_init_scale >= 0):
+            raise ValueError(f"core_init_scale must be a number >= 0, got {self.core_init_scale!r}")
+        if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if isinstance(self.target_modules, list):
+            self.target_modules = set(self.target_modules)
+        if isinstance(self.exclude_modules, list):
+            self.exclude_modules = set(self.exclude_modules)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
+        """Load the config; for a local adapter folder, first check its weights file is intact.
+
+        peft reads the config before the weights, so a truncated or corrupted
+        ``adapter_model.safetensors`` is reported here with its path, before anything is loaded.
+        """
+        weights = Path(pretrained_model_name_or_path, subfolder or "", WEIGHTS_NAME)
+        if weights.is_file():
+            check_safetensors(weights)
+        return super().from_pretrained(pretrained_model_name_or_path, subfolder=subfolder, **kwargs)
+
+
+def _check_alpha(alpha: object, where: str) -> float:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha):
+        raise ValueError(f"{where} must be a finite number, got {alpha!r}")
+    return float(alpha)
