@@ -163,7 +163,7 @@ class TuckerLoraModel(BaseTuner):
                     per_adapter[0][n] if shared[n] else torch.cat([f_a[n] for f_a in per_adapter], dim=1)
                     for n in range(len(shared))
                 ]
-                core, factors = orthonormalise(block_diagonal_core(cores, shared), factors)
+                core, factors = orthonormalise(block_diagonal_core(cores, shared), factors, keep=shared)
             combined[key] = (core, factors)
             by_mode = {m: (0 if shared[n] else core.shape[n]) for n, m in enumerate(mrs[0].modes)}
             rank_pattern[re.escape(key)] = tuple(by_mode.get(m, 1) for m in MODES)

@@ -171,14 +171,20 @@ def block_diagonal_core(cores: Sequence[torch.Tensor], shared: Sequence[bool] | 
     return D
 
 
-def orthonormalise(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+def orthonormalise(
+    core: torch.Tensor, factors: Sequence[torch.Tensor], keep: Sequence[bool] | None = None
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """Same tensor, orthonormal factors: ``U_n = Q_n R_n`` (reduced QR), ``G <- G x_n R_n``.
 
     Each new rank is ``min(dim_n, r_n)``, so a concatenation whose rank exceeds the mode size is
-    compressed without error (Proposition 4).
+    compressed without error (Proposition 4). Modes with ``keep[n]`` are left as they are.
     """
+    keep = tuple(keep) if keep is not None else (False,) * len(factors)
     new_factors = []
     for n, U in enumerate(factors):
+        if keep[n]:
+            new_factors.append(U)
+            continue
         Q, R = torch.linalg.qr(U, mode="reduced")
         core = mode_product(core, R, n)
         new_factors.append(Q)

@@ -1,0 +1,38 @@
+"""Shared toy models for the tests (peft-style: a Conv3d net with a Conv2d and a Linear head)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+
+class ToyVideoNet(nn.Module):
+    """Conv3d -> per-frame Conv2d -> Linear head; small enough for many lifecycle tests."""
+
+    def __init__(self, channels: int = 6) -> None:
+        super().__init__()
+        self.conv3d = nn.Conv3d(3, channels, 3, padding=1)
+        self.temporal = nn.Conv3d(channels, channels, (3, 1, 1), padding=(1, 0, 0))
+        self.conv2d = nn.Conv2d(channels, channels, 3, padding=1)
+        self.head = nn.Linear(channels, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.relu(self.temporal(torch.relu(self.conv3d(x))))
+        n, c, t, h, w = y.shape
+        y = self.conv2d(y.transpose(1, 2).reshape(n * t, c, h, w))
+        return self.head(y.mean(dim=(2, 3))).reshape(n, t, -1)
+
+
+TARGETS = ["conv3d", "temporal", "conv2d", "head"]
+
+
+@pytest.fixture
+def toy() -> ToyVideoNet:
+    torch.manual_seed(0)
+    return ToyVideoNet()
+
+
+@pytest.fixture
+def video() -> torch.Tensor:
+    return torch.randn(2, 3, 4, 6, 6, generator=torch.Generator().manual_seed(1))
