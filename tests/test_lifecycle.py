@@ -295,3 +295,19 @@ def test_dropout_acts_on_the_adapter_input_only(layer):
     with torch.no_grad():
         merged.weight += delta
     torch.testing.assert_close(pm(x), merged(x), atol=1e-5, rtol=1e-5)
+
+
+def test_low_cpu_mem_usage_loading(toy, video, tmp_path):
+    pm = get_peft_model(copy.deepcopy(toy), _config(init_weights=False))
+    out = pm(video)
+    pm.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path, low_cpu_mem_usage=True)
+    loaded.load_adapter(tmp_path, adapter_name="again", low_cpu_mem_usage=True)
+    assert all(p.device.type == "cpu" for p in loaded.parameters())
+    torch.testing.assert_close(loaded(video), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("exclude", [["temporal", "head"], r"(temporal|head)"])
+def test_exclude_modules(toy, exclude):
+    pm = get_peft_model(copy.deepcopy(toy), _config(exclude_modules=exclude))
+    assert set(_layers(pm)) == {"conv3d", "conv2d"}

@@ -23,5 +23,6 @@ def test_readme_usage_example_runs(tmp_path):
     assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
     adapted = namespace["model"].base_model.targeted_module_names
     assert len(adapted) == 48 and any(".temp_convs." in n for n in adapted)
+    assert namespace["model"].peft_config["default"].ranks == (4, 4, 3, 1, 1)
     fresh = namespace["tiny_unet3d"]()
     torch.testing.assert_close(unet.state_dict(), fresh.state_dict())  # zero-core init: merge changes nothing

@@ -111,12 +111,10 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         for n in mr.trainable_modes:
             getattr(self, factor_attr(mr.modes[n]))[adapter_name] = nn.Parameter(torch.zeros(mr.dims[n], mr.ranks[n]))
         self.reset_adapter_parameters(adapter_name, init_weights, core_init_scale)
-        device = weight.device if weight.device.type != "meta" else None
-        if device is not None:
-            for attr in self.adapter_layer_names:
-                params = getattr(self, attr)
-                if adapter_name in params:
-                    params[adapter_name] = params[adapter_name].to(device)
+        for attr in self.adapter_layer_names:  # onto the base weight's device (empty-weight loading stays on meta)
+            params = getattr(self, attr)
+            if adapter_name in params and params[adapter_name].device.type != "meta":
+                params[adapter_name] = params[adapter_name].to(weight.device)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
