@@ -10,12 +10,14 @@ from .io import AdapterFileError, check_safetensors, save_adapter
 from .layer import TuckerLoraLayer
 from .model import TuckerLoraModel
 from .registry import TUCKER_LORA, register
+from .targets import DEFAULT_TARGET_MODULES
 
 register(TuckerLoraConfig, TuckerLoraModel)
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "DEFAULT_TARGET_MODULES",
     "TUCKER_LORA",
     "AdapterFileError",
     "TuckerLoraConfig",

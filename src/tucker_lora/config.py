@@ -11,10 +11,12 @@ from peft.config import PeftConfig
 
 from .io import WEIGHTS_NAME, check_safetensors
 from .registry import TUCKER_LORA
-from .tucker import validate_ranks
+from .tucker import MODES, validate_ranks
 
+#: Values of ``forward_mode``.
+FORWARD_MODES: tuple[str, ...] = ("auto", "factored", "merged")
 #: Values of ``init_weights`` this version understands.
-INIT_CHOICES: tuple[object, ...] = (True, False)
+INIT_CHOICES: tuple[object, ...] = (True, False, "hosvd", "hooi")
 
 
 @dataclass
@@ -32,11 +34,21 @@ class TuckerLoraConfig(PeftConfig):
         rank_pattern: ``{name or regex: ranks}`` overriding ``ranks`` per layer.
         alpha_pattern: ``{name or regex: alpha}`` overriding ``alpha`` per layer.
         init_weights: ``True``: orthonormal factors and a zero core (the model is unchanged);
-            ``False``: a random non-zero core (a non-identity adapter, for tests).
-        core_init_scale: with ``init_weights=True``, the core starts as ``core_init_scale * N(0, 1)``
+            ``False``: a random non-zero core (a non-identity adapter, for tests); ``"hosvd"`` /
+            ``"hooi"``: factors from the HOSVD (refined by HOOI) of the frozen base weight, spanning its
+            leading mode subspaces, and a zero core (``tucker_lora.init``; gradient proxies:
+            ``tucker_lora.init.init_from_gradients``).
+        core_init_scale: with ``init_weights`` True, "hosvd" or "hooi", the core starts as ``core_init_scale * N(0, 1)``
             (the paper's small core) instead of zero.
         dropout: dropout on the adapter's input during training.
         modules_to_save: extra modules trained in full and saved with the adapter.
+        forward_mode: how a plain conv computes ``W + alpha * dW``: ``"factored"`` (``base(x) + alpha *
+            U_o . conv(U_i^T x, K)``), ``"merged"`` (one conv with the merged weight, a backward that
+            never forms the full weight gradient) or ``"auto"`` (a cost model picks per layer and call).
+            Grouped convs and Conv subclasses that override ``forward`` always run their own forward
+            with the merged weight.
+        freeze_modes: modes whose factors keep their init and take no gradient; with ``("i",)``
+            the merged path keeps only ``U_i^T x`` (r_i channels) for the backward instead of ``x``.
     """
 
     ranks: tuple[int, int, int, int, int] = field(
@@ -52,12 +64,18 @@ class TuckerLoraConfig(PeftConfig):
     rank_pattern: dict = field(default_factory=dict, metadata={"help": "{name or regex: ranks} per layer."})
     alpha_pattern: dict = field(default_factory=dict, metadata={"help": "{name or regex: alpha} per layer."})
     init_weights: Union[bool, str] = field(
-        default=True, metadata={"help": "True: zero core (identity); False: random core."}
+        default=True, metadata={"help": "True: zero core (identity); False: random core; 'hosvd'/'hooi': from W."}
     )
     core_init_scale: float = field(default=0.0, metadata={"help": "Std of the initial core when init_weights=True."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the adapter input."})
     modules_to_save: Optional[list[str]] = field(
         default=None, metadata={"help": "Modules trained in full and saved with the adapter."}
+    )
+    forward_mode: str = field(
+        default="auto", metadata={"help": "'auto', 'factored' or 'merged': how plain convs compute the update."}
+    )
+    freeze_modes: tuple[str, ...] = field(
+        default=(), metadata={"help": "Modes (of o, i, t, h, w) whose factors stay at their init."}
     )
 
     def __post_init__(self) -> None:
@@ -67,12 +85,17 @@ class TuckerLoraConfig(PeftConfig):
         self.rank_pattern = {k: validate_ranks(v, f"rank_pattern[{k!r}]") for k, v in self.rank_pattern.items()}
         self.alpha = _check_alpha(self.alpha, "alpha")
         self.alpha_pattern = {k: _check_alpha(v, f"alpha_pattern[{k!r}]") for k, v in self.alpha_pattern.items()}
-        if not any(self.init_weights is c for c in INIT_CHOICES):
+        if not any(self.init_weights is c or (isinstance(c, str) and self.init_weights == c) for c in INIT_CHOICES):
             raise ValueError(f"init_weights must be one of {INIT_CHOICES}, got {self.init_weights!r}")
         if not (isinstance(self.core_init_scale, (int, float)) and self.core_init_scale >= 0):
             raise ValueError(f"core_init_scale must be a number >= 0, got {self.core_init_scale!r}")
         if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+        if self.forward_mode not in FORWARD_MODES:
+            raise ValueError(f"forward_mode must be one of {FORWARD_MODES}, got {self.forward_mode!r}")
+        if isinstance(self.freeze_modes, str) or not all(m in MODES for m in self.freeze_modes):
+            raise ValueError(f"freeze_modes must be a subset of {MODES}, got {self.freeze_modes!r}")
+        self.freeze_modes = tuple(self.freeze_modes)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):

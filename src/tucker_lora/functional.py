@@ -1,61 +1,267 @@
-"""The compute paths of an adapted layer (math only, no module state).
+"""The compute paths of an adapted layer (math and autograd only, no module state).
 
-Both give ``layer(x)`` with the weight ``W + alpha * dW``:
+All give ``layer(x)`` with the weight ``W + alpha * dW``, ``dW = K x_1 U_o x_2 U_i`` where
+``K = G x_3 U_t x_4 U_h x_5 U_w`` is the small (r_o, r_i, k...) kernel:
 
-- factored: ``base(x) + alpha * U_o . conv(U_i^T x, K)`` with the small kernel
-  ``K = G x_3 U_t x_4 U_h x_5 U_w`` (r_o, r_i, k...); dW is never formed.
-- merged: the layer's own forward with its weight swapped for ``W + alpha * dW``
-  (exact for grouped convs and for Conv subclasses that override ``forward``).
+- factored: ``base(x) + alpha * U_o . conv(U_i^T x, K)``; dW is never formed. The channel
+  projections are batched matmuls and the update is added into the base output in place.
+- merged: one convolution with ``W + alpha * dW`` (``MergedConv``); its backward gets the input
+  gradient from the same merged weight and the adapter gradients from the projections
+  ``P = U_i^T x`` and ``Q = U_o^T dy`` and a small kernel-sized correlation, never forming the
+  O x I x k weight gradient. It saves ``x`` only when ``U_i`` trains, otherwise ``P`` alone.
+- module: the layer's own forward with its weight swapped (grouped convs, Conv subclasses that
+  override ``forward``), always exact.
+
+``choose_path`` is the cost model behind ``forward_mode="auto"``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from .tucker import multi_mode_product
+from .tucker import mode_product, reconstruct_grads
 
-ConvFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+_CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+_CONV_INPUT_GRAD = {1: nn.grad.conv1d_input, 2: nn.grad.conv2d_input, 3: nn.grad.conv3d_input}
+_CONV_WEIGHT_GRAD = {1: nn.grad.conv1d_weight, 2: nn.grad.conv2d_weight, 3: nn.grad.conv3d_weight}
 
 
+# ---------------------------------------------------------------------------------------------- tensors
 def small_kernel(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``K = G x_3 U_t x_4 U_h x_5 U_w``: the core expanded along the kernel modes only.
 
     core: (r_o, r_i, r_k...); factors: all modes, (dim_n, r_n). Returns (r_o, r_i, k...).
     For a Linear (no kernel mode) this is the core itself.
     """
-    eye = [torch.eye(r, device=core.device, dtype=core.dtype) for r in core.shape[:2]]
-    return multi_mode_product(core, list(eye) + list(factors[2:]))
+    for n in range(2, core.ndim):
+        core = mode_product(core, factors[n], n)
+    return core
+
+
+def _kernel_times_U_i(K: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
+    """``K x_2 U_i`` as (r_o, I * k): one bmm of U_i (I, r_i) with each K[a] (r_i, k)."""
+    r_o, r_i = K.shape[:2]
+    KI = torch.bmm(U_i.expand(r_o, -1, -1), K.reshape(r_o, r_i, -1))  # (r_o, I, k)
+    return KI.reshape(r_o, -1)
+
+
+def expand_channels(K: torch.Tensor, U_o: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
+    """``dW = K x_1 U_o x_2 U_i``: (r_o, r_i, k...) -> (O, I, k...)."""
+    return torch.mm(U_o, _kernel_times_U_i(K, U_i)).view(U_o.shape[0], U_i.shape[0], *K.shape[2:])
+
+
+def merged_weight(
+    weight: torch.Tensor, K: torch.Tensor, U_o: torch.Tensor, U_i: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """``W + alpha * K x_1 U_o x_2 U_i`` in the weight's dtype, the last product fused with the sum (addmm)."""
+    KI = _kernel_times_U_i(K, U_i).to(weight.dtype)
+    out = torch.addmm(weight.reshape(weight.shape[0], -1), U_o.to(weight.dtype), KI, alpha=alpha)
+    return out.view(weight.shape)
 
 
 def channel_mix(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """``M x`` along the channel dim: x (N, C, *S), M (C', C) -> (N, C', *S), one batched matmul."""
-    return torch.matmul(M, x.flatten(2)).unflatten(2, x.shape[2:])
+    """``M x`` along the channel dim: x (N, C, *S), M (C', C) -> (N, C', *S), one batched matmul.
 
-
-def factored_delta(
-    x: torch.Tensor, core: torch.Tensor, factors: Sequence[torch.Tensor], conv: ConvFn | None
-) -> torch.Tensor:
-    """``dW * x`` without forming dW.
-
-    Linear (``conv is None``): ``x U_i G^T U_o^T`` on x (..., I).
-    Conv: ``U_o . conv(U_i^T x, K)`` on x (N, I, *S) (or unbatched (I, *S)); ``conv`` applies the base
-    layer's stride, padding, dilation and padding mode to any (input, weight) pair.
+    Explicit ``bmm`` (not ``matmul``, whose algorithm depends on ``requires_grad``), so results are
+    bitwise the same in training and inference.
     """
+    x3 = x.reshape(x.shape[0], x.shape[1], -1)
+    return torch.bmm(M.expand(x.shape[0], -1, -1), x3).view(x.shape[0], M.shape[0], *x.shape[2:])
+
+
+# ---------------------------------------------------------------------------------------------- geometry
+@dataclass(frozen=True)
+class ConvGeometry:
+    """Stride / padding / dilation of a plain ``nn.ConvNd``, with its padding made explicit.
+
+    ``pad`` (an ``F.pad`` spec with ``pad_mode``) is applied to the input first when the layer pads
+    with a non-zero mode or asymmetrically ("same" with an even kernel); the convolution itself then
+    uses the symmetric zero ``padding``.
+    """
+
+    dims: int
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+    pad: tuple[int, ...] | None = None
+    pad_mode: str = "constant"
+
+    @classmethod
+    def of(cls, conv: nn.Module) -> ConvGeometry:
+        dims = conv.weight.ndim - 2
+        kernel = conv.weight.shape[2:]
+        if conv.padding_mode != "zeros":
+            pad = tuple(conv._reversed_padding_repeated_twice)
+            return cls(dims, conv.stride, (0,) * dims, conv.dilation, pad, conv.padding_mode)
+        if conv.padding == "valid":
+            return cls(dims, conv.stride, (0,) * dims, conv.dilation)
+        if conv.padding == "same":
+            total = [d * (k - 1) for d, k in zip(conv.dilation, kernel, strict=True)]
+            if all(t % 2 == 0 for t in total):
+                return cls(dims, conv.stride, tuple(t // 2 for t in total), conv.dilation)
+            pad = tuple(p for t in reversed(total) for p in (t // 2, t - t // 2))
+            return cls(dims, conv.stride, (0,) * dims, conv.dilation, pad)
+        return cls(dims, conv.stride, tuple(conv.padding), conv.dilation)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The input as the convolution sees it (explicitly padded where needed)."""
+        return x if self.pad is None else F.pad(x, self.pad, mode=self.pad_mode)
+
+    def conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        return _CONV[self.dims](x, w, bias, self.stride, self.padding, self.dilation)
+
+    def input_grad(self, shape: torch.Size, w: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        return _CONV_INPUT_GRAD[self.dims](shape, w, dy, self.stride, self.padding, self.dilation)
+
+    def weight_grad(self, x: torch.Tensor, shape: torch.Size, dy: torch.Tensor) -> torch.Tensor:
+        return _CONV_WEIGHT_GRAD[self.dims](x, shape, dy, self.stride, self.padding, self.dilation)
+
+
+# ---------------------------------------------------------------------------------------------- paths
+def factored_linear(
+    y: torch.Tensor, x: torch.Tensor, core: torch.Tensor, U_o: torch.Tensor, U_i: torch.Tensor, alpha: float
+) -> torch.Tensor:
+    """``y + alpha * x U_i G^T U_o^T`` for a Linear on x (..., I), the last matmul fused with the addition."""
+    z = torch.mm(torch.mm(x.reshape(-1, x.shape[-1]), U_i), core.T)
+    return torch.addmm(y.reshape(-1, y.shape[-1]), z, U_o.T, alpha=alpha).view(y.shape)
+
+
+def factored_conv(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    geometry: ConvGeometry,
+    core: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    alpha: float,
+) -> torch.Tensor:
+    """``y + alpha * U_o . conv(U_i^T x, K)`` on batched x (N, I, *S); y is the base output (N, O, *S')."""
     U_o, U_i = factors[0], factors[1]
-    if conv is None:
-        return torch.matmul(torch.matmul(torch.matmul(x, U_i), core.T), U_o.T)
+    P = geometry.prepare(channel_mix(x, U_i.T))
+    z = geometry.conv(P, small_kernel(core, factors))
+    N = z.shape[0]
+    y3 = y.view(N, y.shape[1], -1)  # the base output, which nothing saved: add into it in place
+    y3.baddbmm_(U_o.expand(N, -1, -1).to(y.dtype), z.reshape(N, z.shape[1], -1).to(y.dtype), alpha=alpha)
+    return y
+
+
+def autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
+    """(enabled, dtype) of autocast on a device type; the meta device has no autocast."""
+    if device_type == "meta":
+        return False, torch.float32
+    return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+class MergedConv(torch.autograd.Function):
+    """``conv(x, W + alpha * K x_1 U_o x_2 U_i, b)`` with a backward that never forms the O x I x k gradient.
+
+    Inputs: x (already padded by the geometry), the base weight and bias, the geometry, alpha, the
+    core and every factor (kernel factors before channel ones do not matter: ``factors`` is in mode order).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, geometry: ConvGeometry, alpha: float, core, *factors):  # type: ignore[override]
+        U_o, U_i = factors[0], factors[1]
+        with torch.no_grad():  # the same kernels whether or not any input requires grad
+            merged = merged_weight(weight, small_kernel(core, factors), U_o, U_i, alpha)
+            y = geometry.conv(x, merged, bias)
+        train_factors = [ctx.needs_input_grad[6 + n] for n in range(len(factors))]
+        adapter_grad = ctx.needs_input_grad[5] or any(train_factors)
+        keep_x = train_factors[1] or ctx.needs_input_grad[1]
+        P = channel_mix(x, U_i.T.to(x.dtype)) if adapter_grad and not keep_x else None
+        ctx.geometry, ctx.alpha, ctx.n_factors = geometry, alpha, len(factors)
+        ctx.x_shape, ctx.autocast = x.shape, autocast_state(x.device.type)
+        ctx.save_for_backward(x if keep_x else None, P, weight, core, *factors)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):  # type: ignore[override]
+        x, P, weight, core, *factors = ctx.saved_tensors
+        g, alpha = ctx.geometry, ctx.alpha
+        U_o, U_i = factors[0], factors[1]
+        need = ctx.needs_input_grad
+        enabled, dtype = ctx.autocast
+        grads: list[torch.Tensor | None] = [None] * (6 + ctx.n_factors)
+        with torch.autocast(dy.device.type, dtype=dtype, enabled=enabled):
+            if need[0]:
+                with torch.no_grad():
+                    merged = merged_weight(weight, small_kernel(core, factors), U_o, U_i, alpha)
+                grads[0] = g.input_grad(ctx.x_shape, merged.to(dy.dtype), dy)
+            if need[1]:
+                grads[1] = g.weight_grad(x.to(dy.dtype), weight.shape, dy).to(weight.dtype)
+            if need[2]:
+                grads[2] = dy.sum(dim=[d for d in range(dy.ndim) if d != 1])
+            if need[5] or any(need[6:]):
+                grads[5:] = _merged_adapter_grads(x, P, dy, g, alpha, core, factors, need[5:])
+        return tuple(grads)
+
+
+def _merged_adapter_grads(x, P, dy, g: ConvGeometry, alpha: float, core, factors, need) -> list[torch.Tensor | None]:
+    """Gradients of core and factors from ``P = U_i^T x``, ``Q = U_o^T dy`` and kernel-sized correlations."""
+    U_o, U_i = factors[0], factors[1]
+    dtype = dy.dtype
+    if P is None:
+        P = channel_mix(x, U_i.T.to(x.dtype))
+    P = P.to(dtype)
+    Q = channel_mix(dy, U_o.T.to(dtype))  # (N, r_o, *S')
+    K = small_kernel(core, factors)
+    Kd = K.to(dtype)
+    out: list[torch.Tensor | None] = [None] * len(need)
+    if need[0] or any(need[3:]):
+        dK = alpha * g.weight_grad(P, K.shape, Q).to(K.dtype)  # (r_o, r_i, k...) = corr(P, Q)
+        kernel = {n: factors[n] for n in range(2, core.ndim)}
+        d_core, d_kernel = reconstruct_grads(dK, core, kernel, {n: need[n + 1] for n in kernel}, need[0])
+        out[0] = d_core
+        for n, dU in d_kernel.items():
+            out[n + 1] = dU
+    if need[1]:  # U_o: dy z^T with z = conv(P, K)
+        z = g.conv(P, Kd)
+        out[1] = alpha * _batch_outer(dy, z).to(U_o.dtype)
+    if need[2]:  # U_i: x dP^T with dP = conv_input(Q, K)
+        dP = g.input_grad(P.shape, Kd, Q)
+        out[2] = alpha * _batch_outer(x.to(dtype), dP).to(U_i.dtype)
+    return out
+
+
+def _batch_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_{n, s} a[n, :, s] b[n, :, s]^T``: (N, A, *S), (N, B, *S) -> (A, B)."""
+    N = a.shape[0]
+    return torch.bmm(a.reshape(N, a.shape[1], -1), b.reshape(N, b.shape[1], -1).transpose(1, 2)).sum(0)
+
+
+def merged_conv(
+    x: torch.Tensor,
+    base: nn.Module,
+    geometry: ConvGeometry,
+    core: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    alpha: float,
+) -> torch.Tensor:
+    """A plain conv layer's output with ``W + alpha * dW`` through ``MergedConv`` (batched or not)."""
     unbatched = x.ndim == core.ndim - 1
     if unbatched:
         x = x.unsqueeze(0)
-    z = conv(channel_mix(x, U_i.T), small_kernel(core, factors))
-    y = channel_mix(z, U_o)
+    y = MergedConv.apply(geometry.prepare(x), base.weight, base.bias, geometry, alpha, core, *factors)
     return y.squeeze(0) if unbatched else y
 
 
-def merged_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:
+def module_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: dict[str, Any]) -> Any:
     """Run ``layer``'s own forward with its ``weight`` replaced (gradients flow into ``weight``)."""
     return torch.func.functional_call(layer, {"weight": weight}, args, kwargs, strict=False)
+
+
+# ---------------------------------------------------------------------------------------------- cost model
+def choose_path(weight_numel: int, r_o: int, x_numel: int, y_numel: int) -> str:
+    """``"merged"`` or ``"factored"`` for one plain conv call.
+
+    merged pays for forming ``W + alpha * dW`` (about ``r_o`` multiply-adds per weight entry,
+    twice in training: forward and backward); factored pays a few extra passes over the
+    full-size activations (reading x, writing into y, and their gradients). Calibrated on CPU by
+    ``benchmarks/bench_layers.py``.
+    """
+    return "merged" if weight_numel * (r_o + 1) < 2 * (x_numel + y_numel) else "factored"

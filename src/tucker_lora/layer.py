@@ -16,7 +16,14 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
-from .functional import factored_delta, merged_forward
+from .functional import (
+    ConvGeometry,
+    choose_path,
+    factored_conv,
+    factored_linear,
+    merged_conv,
+    module_forward,
+)
 from .tucker import MODES, ModeRanks, centre_tap, orthonormal, reconstruct, resolve_ranks
 
 logger = logging.getLogger("tucker_lora")
@@ -49,6 +56,47 @@ def _first_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     raise TypeError("adapted layer called without an input tensor (positional or input=)")
 
 
+def _check_weight(weight: object, layer_name: str) -> None:
+    """The base weight must be a plain floating-point tensor (quantised or lazy weights are refused by name)."""
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"layer '{layer_name}': weight is a {type(weight).__name__}, not a tensor")
+    if type(weight) not in (torch.Tensor, nn.Parameter) or not weight.is_floating_point():
+        raise TypeError(
+            f"layer '{layer_name}': weight is a {type(weight).__name__} of dtype {weight.dtype}; Tucker-LoRA needs a "
+            "plain floating-point weight (dequantise the layer, or leave it out of target_modules)"
+        )
+
+
+def _refuse_meta(layer: TuckerLoraLayer, args: tuple, kwargs: dict[str, Any]) -> None:
+    """Forward pre-hook: stop a real input meeting weights on the meta device, naming the layer.
+
+    torch's CPU conv and matmul read a meta weight as uninitialised memory and return garbage without an
+    error, so a model whose weights (or adapter weights, e.g. after ``low_cpu_mem_usage`` injection) were
+    never loaded must not run. Meta inputs (shape tracing) pass; under torch.compile the check is skipped
+    (it would split the graph).
+    """
+    if torch.compiler.is_compiling():
+        return
+    x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
+    if not isinstance(x, torch.Tensor) or x.is_meta:
+        return
+    if layer.get_base_layer().weight.is_meta:
+        raise RuntimeError(
+            f"layer '{layer.layer_name}': the base weight is on the meta device (never loaded?); load the model's "
+            "weights before running it"
+        )
+    if layer.disable_adapters or layer.merged:
+        return
+    for name in layer.active_adapters:
+        for attr in layer.adapter_layer_names:
+            param = getattr(layer, attr).get(name)
+            if param is not None and param.is_meta:
+                raise RuntimeError(
+                    f"layer '{layer.layer_name}': adapter '{name}' ({attr}) is on the meta device (created with "
+                    "low_cpu_mem_usage and never loaded?); load its state dict before running the model"
+                )
+
+
 class TuckerLoraLayer(nn.Module, BaseTunerLayer):
     """Wraps a frozen base layer and adds ``alpha * dW`` of each active Tucker adapter."""
 
@@ -63,7 +111,11 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
                 f"layer '{layer_name}' is a {type(base_layer).__name__}; Tucker-LoRA adapts {names} (and subclasses)"
             )
         self.base_layer = base_layer
+        self.register_forward_pre_hook(_refuse_meta, with_kwargs=True)
         self.layer_name = layer_name or type(base_layer).__name__
+        plain_conv = is_plain(base_layer) and not isinstance(base_layer, nn.Linear)
+        self._geometry = ConvGeometry.of(base_layer) if plain_conv else None
+        self.forward_mode = "auto"
         self.tucker_lora_core = nn.ParameterDict()
         for mode in MODES:
             setattr(self, factor_attr(mode), nn.ParameterDict())
@@ -84,9 +136,12 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         dropout: float = 0.0,
         init_weights: bool | str = True,
         core_init_scale: float = 0.0,
+        forward_mode: str = "auto",
+        freeze_modes: tuple[str, ...] = (),
     ) -> None:
         """Create (or re-create) the core and factors of ``adapter_name`` for this layer's weight."""
-        weight = self.get_base_layer().weight
+        weight = getattr(self.get_base_layer(), "weight", None)
+        _check_weight(weight, self.layer_name)
         mr = resolve_ranks(ranks, weight.shape, self.layer_name)
         if mr.clipped:
             key = (type(self.get_base_layer()).__name__,) + mr.clipped
@@ -111,6 +166,9 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         for n in mr.trainable_modes:
             getattr(self, factor_attr(mr.modes[n]))[adapter_name] = nn.Parameter(torch.zeros(mr.dims[n], mr.ranks[n]))
         self.reset_adapter_parameters(adapter_name, init_weights, core_init_scale)
+        self.forward_mode = forward_mode
+        frozen = tuple(factor_attr(m) for m, p in zip(mr.modes, mr.pinned, strict=True) if m in freeze_modes and not p)
+        self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: frozen}
         for attr in self.adapter_layer_names:  # onto the base weight's device (empty-weight loading stays on meta)
             params = getattr(self, attr)
             if adapter_name in params and params[adapter_name].device.type != "meta":
@@ -121,11 +179,16 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
     def reset_adapter_parameters(
         self, adapter_name: str, init_weights: bool | str = True, core_init_scale: float = 0.0
     ) -> None:
-        """Orthonormal factors; core 0 (``True``), ``core_init_scale * N(0,1)`` or ``0.1 * N(0,1)`` (``False``)."""
+        """Orthonormal factors (from the base weight's HOSVD / HOOI for ``"hosvd"`` / ``"hooi"``);
+        core 0 (``True``, ``"hosvd"``, ``"hooi"``), ``core_init_scale * N(0,1)`` or ``0.1 * N(0,1)`` (``False``)."""
         mr = self.mode_ranks[adapter_name]
         for n in mr.trainable_modes:
             U = getattr(self, factor_attr(mr.modes[n]))[adapter_name]
             U.copy_(orthonormal(mr.dims[n], mr.ranks[n]))
+        if init_weights in ("hosvd", "hooi"):
+            from .init import init_layer_from_weight  # init imports layer lazily; keep the import here
+
+            init_layer_from_weight(self, adapter_name, init_weights)
         core = self.tucker_lora_core[adapter_name]
         if init_weights is False:
             core.normal_(0.0, 0.1)
@@ -193,26 +256,62 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         active = self._active()
         if self.merged or not active:
             return base(*args, **kwargs)
-        dropout_on = self.training and any(isinstance(self.tucker_lora_dropout[a], nn.Dropout) for a in active)
-        if not is_plain(base) or (getattr(base, "groups", 1) > 1 and not dropout_on):
+        path = self._choose_path(args, kwargs, active)
+        if path == "module":
             weight = base.weight + sum(self.get_delta_weight(a) for a in active)
-            return merged_forward(base, weight, args, kwargs)
+            return module_forward(base, weight, args, kwargs)
         x = _first_input(args, kwargs)
+        if path == "grouped":  # dropout on the adapter input: a second grouped conv with alpha * dW
+            deltas = [
+                base._conv_forward(self.tucker_lora_dropout[a](x), self.get_delta_weight(a), None) for a in active
+            ]
+            return base(*args, **kwargs) + sum(deltas)
+        if path == "merged":
+            (a,) = active
+            core, factors = self._compute_tensors(a, x)
+            return merged_conv(x, base, self._geometry, core, factors, self.alpha[a])
         result = base(*args, **kwargs)
         for a in active:
-            result = result + self._delta_output(a, x).to(result.dtype)
+            result = self._add_factored(result, a, x)
         return result
 
-    def _delta_output(self, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
-        """``alpha * dW * dropout(x)`` for one adapter on a plain layer."""
+    def _compute_tensors(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Core and factors in the dtype the layer computes in: x's, for low-precision inputs (fp32 params)."""
+        core, factors = self.tucker_lora_core[adapter_name], self.factors(adapter_name)
+        if x.dtype != core.dtype and x.is_floating_point():
+            core, factors = core.to(x.dtype), [U.to(x.dtype) for U in factors]
+        return core, factors
+
+    def _add_factored(self, result: torch.Tensor, adapter_name: str, x: torch.Tensor) -> torch.Tensor:
+        """``result + alpha * dW * dropout(x)`` for one adapter, without forming dW."""
+        x = self.tucker_lora_dropout[adapter_name](x)
+        core, factors = self._compute_tensors(adapter_name, x)
+        alpha = self.alpha[adapter_name]
+        if isinstance(self.get_base_layer(), nn.Linear):
+            return factored_linear(result, x, core, factors[0], factors[1], alpha)
+        if x.ndim == core.ndim - 1:  # unbatched conv input
+            return factored_conv(result.unsqueeze(0), x.unsqueeze(0), self._geometry, core, factors, alpha).squeeze(0)
+        return factored_conv(result, x, self._geometry, core, factors, alpha)
+
+    def _choose_path(self, args: tuple, kwargs: dict[str, Any], active: list[str]) -> str:
+        """``"module"``, ``"merged"`` or ``"factored"`` for this call (``forward_mode`` and the cost model)."""
         base = self.get_base_layer()
-        core = self.tucker_lora_core[adapter_name]
-        x = self.tucker_lora_dropout[adapter_name](x.to(core.dtype))
+        dropout_on = self.training and any(isinstance(self.tucker_lora_dropout[a], nn.Dropout) for a in active)
+        if not is_plain(base):
+            return "module"
         if getattr(base, "groups", 1) > 1:
-            delta = self.alpha[adapter_name] * reconstruct(core, self.factors(adapter_name))
-            return base._conv_forward(x, delta, None)
-        conv = None if isinstance(base, nn.Linear) else (lambda inp, w: base._conv_forward(inp, w, None))
-        return self.alpha[adapter_name] * factored_delta(x, core, self.factors(adapter_name), conv)
+            return "grouped" if dropout_on else "module"
+        mode = self.forward_mode
+        if isinstance(base, nn.Linear):
+            return "module" if mode == "merged" and not dropout_on else "factored"
+        if dropout_on or len(active) > 1 or mode == "factored":
+            return "factored"
+        if mode == "merged":
+            return "merged"
+        x = _first_input(args, kwargs)
+        weight = base.weight
+        y_numel = x.numel() // weight.shape[1] * weight.shape[0]  # stride-1 estimate of the output size
+        return choose_path(weight.numel(), self.mode_ranks[active[0]].ranks[0], x.numel(), y_numel)
 
     def __repr__(self) -> str:
         return "tucker_lora." + super().__repr__()

@@ -13,8 +13,9 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import TuckerLoraConfig
-from .layer import SUPPORTED_LAYERS, TuckerLoraLayer, factor_attr
+from .layer import SUPPORTED_LAYERS, TuckerLoraLayer, factor_attr, logger
 from .registry import PREFIX
+from .targets import DEFAULT_TARGET_MODULES, default_target_names
 from .tucker import MODES, block_diagonal_core, orthonormalise
 
 
@@ -30,9 +31,16 @@ class TuckerLoraModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: TuckerLoraConfig, model_config: dict) -> TuckerLoraConfig:
         if peft_config.target_modules is None:
-            raise ValueError(
-                "TuckerLoraConfig.target_modules is None: name the modules to adapt (names, suffixes or a regex)"
-            )
+            names = default_target_names(self.model)
+            if not names:
+                found = "has no entry for" if names is None else "matches no Linear/Conv layer of"
+                raise ValueError(
+                    f"TuckerLoraConfig.target_modules is None and tucker_lora.DEFAULT_TARGET_MODULES {found} a "
+                    f"{type(self.model).__name__} (entries: {', '.join(sorted(DEFAULT_TARGET_MODULES))}): "
+                    "name the modules to adapt (names, suffixes or a regex)"
+                )
+            logger.info("target_modules=None: %d default targets for %s", len(names), type(self.model).__name__)
+            peft_config.target_modules = set(names)
         return peft_config
 
     def _create_and_replace(
@@ -55,8 +63,11 @@ class TuckerLoraModel(BaseTuner):
             ranks=ranks,
             alpha=alpha,
             dropout=peft_config.dropout,
-            init_weights=peft_config.init_weights,
+            # a loaded adapter's weights are overwritten by the checkpoint: skip HOSVD / HOOI there
+            init_weights=True if peft_config.inference_mode and peft_config.init_weights else peft_config.init_weights,
             core_init_scale=peft_config.core_init_scale,
+            forward_mode=peft_config.forward_mode,
+            freeze_modes=peft_config.freeze_modes,
         )
         if isinstance(target, TuckerLoraLayer):
             target.update_layer(adapter_name, **kwargs)

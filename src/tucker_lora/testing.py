@@ -15,13 +15,14 @@ deterministic given its seed and leaves the caller's global RNG state alone.
 from __future__ import annotations
 
 import logging
-import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .targets import default_target_names
 
 __all__ = [
     "TinyConv3dNet",
@@ -182,11 +183,6 @@ BUILDERS: dict[str, Callable[[int], nn.Module]] = {
     "conv3d_net": tiny_conv3d_net,
 }
 
-_RESNET_CONV = re.compile(r"(.*\.)?resnets\.\d+\.conv[12]")
-_MOTION_LINEAR = re.compile(
-    r"(.*\.)?motion_modules\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.attn\d+\.(to_q|to_k|to_v|to_out\.0))"
-)
-
 
 def _is_diffusers(model: nn.Module, class_name: str) -> bool:
     return any(cls.__name__ == class_name and cls.__module__.startswith("diffusers") for cls in type(model).__mro__)
@@ -197,31 +193,21 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def _default_rule(model: nn.Module) -> Callable[[str, nn.Module], bool]:
-    """Which (name, module) pairs ``default_targets`` adapts in ``model``."""
-    if isinstance(model, TinyConv3dNet):
-        return lambda name, m: isinstance(m, nn.Conv3d)
-    if _is_diffusers(model, "UNet3DConditionModel"):
-        return lambda name, m: (
-            (isinstance(m, nn.Conv3d) and ".temp_convs." in name)
-            or (isinstance(m, nn.Conv2d) and _RESNET_CONV.fullmatch(name) is not None)
-        )
-    if _is_diffusers(model, "UNetMotionModel"):
-        return lambda name, m: (
-            (isinstance(m, nn.Conv2d) and _RESNET_CONV.fullmatch(name) is not None)
-            or (isinstance(m, nn.Linear) and _MOTION_LINEAR.fullmatch(name) is not None)
-        )
-    raise TypeError(
-        f"no default targets for a {type(model).__name__}: expected a TinyConv3dNet, UNet3DConditionModel "
-        "or UNetMotionModel"
-    )
-
-
 def default_target_modules(model: nn.Module) -> list[str]:
-    """Full names of the layers ``default_targets`` selects (see there), in ``named_modules()`` order."""
+    """Full names of the layers ``default_targets`` selects (see there), in ``named_modules()`` order.
+
+    Every Conv3d of a ``TinyConv3dNet``; for a diffusers model, its ``tucker_lora.DEFAULT_TARGET_MODULES`` entry.
+    """
     model = _unwrap(model)
-    rule = _default_rule(model)
-    return [name for name, module in model.named_modules() if rule(name, module)]
+    if isinstance(model, TinyConv3dNet):
+        return [name for name, module in model.named_modules() if isinstance(module, nn.Conv3d)]
+    names = default_target_names(model)
+    if names is None:
+        raise TypeError(
+            f"no default targets for a {type(model).__name__}: expected a TinyConv3dNet or a model class listed in "
+            "tucker_lora.DEFAULT_TARGET_MODULES"
+        )
+    return names
 
 
 def _matches(name: str, targets: Iterable[str]) -> bool:

@@ -36,7 +36,9 @@ def mode_product(T: torch.Tensor, U: torch.Tensor, n: int) -> torch.Tensor:
     T: (d_0, ..., r, ..., d_{N-1}) with r at position n; U: (J, r).
     Returns (d_0, ..., J, ..., d_{N-1}): ``out[..., j, ...] = sum_r U[j, r] T[..., r, ...]``.
     """
-    return torch.movedim(torch.tensordot(U, T, dims=([1], [n])), 0, n)
+    Tn = torch.movedim(T, n, -1)
+    out = torch.mm(Tn.reshape(-1, Tn.shape[-1]), U.T).reshape(*Tn.shape[:-1], U.shape[0])
+    return torch.movedim(out, -1, n)
 
 
 def multi_mode_product(T: torch.Tensor, factors: Sequence[torch.Tensor], transpose: bool = False) -> torch.Tensor:
@@ -189,3 +191,26 @@ def orthonormalise(
         core = mode_product(core, R, n)
         new_factors.append(Q)
     return core, new_factors
+
+
+def reconstruct_grads(
+    dT: torch.Tensor, core: torch.Tensor, factors: dict[int, torch.Tensor], need: dict[int, bool], need_core: bool
+) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+    """Gradients of ``T = G x_n U_n`` (over the modes n in ``factors``) given ``dT = dL/dT``.
+
+    ``dL/dG = dT x_n U_n^T`` over those modes; ``dL/dU_n = dT_(n) (G x_{m != n} U_m)_(n)^T``.
+    """
+    d_core = None
+    if need_core:
+        d_core = dT
+        for n, U in factors.items():
+            d_core = mode_product(d_core, U.T, n)
+    d_factors = {}
+    for n in factors:
+        if need.get(n):
+            partial = core
+            for m, U in factors.items():
+                if m != n:
+                    partial = mode_product(partial, U, m)
+            d_factors[n] = unfold(dT, n) @ unfold(partial, n).T
+    return d_core, d_factors

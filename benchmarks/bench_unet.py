@@ -1,0 +1,163 @@
+"""End-to-end training step of a diffusers UNet3DConditionModel: Tucker-LoRA against the frozen model,
+peft LoRA at a matched parameter count and full fine-tuning.
+
+Each method runs in its own subprocess (so peak memory is its own): a few warm-up steps, then timed
+steps of noise prediction with AdamW, reporting the median step time and the process's peak RSS
+(CPU) or CUDA's max allocated memory. "frozen" is the floor: forward and backward to the noisy
+latents (which the paper re-attaches with ``requires_grad_``), nothing trained.
+
+    python benchmarks/bench_unet.py                     # CPU-sized UNet (see --channels)
+    python benchmarks/bench_unet.py --device cuda --channels 320 640 1280 1280 --frames 16 --size 32
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+METHODS = ["frozen", "tucker (4,4,1,1,1)", "tucker (8,8,3,1,1)", "peft LoRA (matched)", "full fine-tuning"]
+TARGETS = r".*(temp_convs\.\d+\.conv(1\.2|\d\.3)|resnets\.\d+\.conv\d)"
+
+
+def build_unet(channels: list[int]):
+    from diffusers import UNet3DConditionModel
+
+    torch.manual_seed(0)
+    n = len(channels)
+    return UNet3DConditionModel(
+        sample_size=32,
+        in_channels=4,
+        out_channels=4,
+        down_block_types=("CrossAttnDownBlock3D",) * (n - 1) + ("DownBlock3D",),
+        up_block_types=("UpBlock3D",) + ("CrossAttnUpBlock3D",) * (n - 1),
+        block_out_channels=tuple(channels),
+        layers_per_block=1,
+        norm_num_groups=32,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+    )
+
+
+def lora_rank_for(unet, budget: int) -> int:
+    """peft LoRA rank whose parameter count on the same targets is closest to ``budget``."""
+    import re
+
+    per_rank = 0
+    for name, module in unet.named_modules():
+        if re.fullmatch(TARGETS, name) and hasattr(module, "weight"):
+            out_ch, in_ch, *k = module.weight.shape
+            per_rank += in_ch * int(torch.tensor(k).prod()) + out_ch
+    return max(1, round(budget / per_rank))
+
+
+def wrap(unet, method: str, budget: int):
+    from peft import LoraConfig, get_peft_model
+
+    from tucker_lora import TuckerLoraConfig
+
+    if method == "frozen":
+        return unet.requires_grad_(False)
+    if method == "full fine-tuning":
+        return unet.requires_grad_(True)
+    if method.startswith("tucker"):
+        ranks = (4, 4, 1, 1, 1) if "4,4,1" in method else (8, 8, 3, 1, 1)
+        return get_peft_model(unet, TuckerLoraConfig(target_modules=TARGETS, ranks=ranks))
+    r = lora_rank_for(unet, budget)
+    return get_peft_model(unet, LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, init_lora_weights="gaussian"))
+
+
+def worker(args: argparse.Namespace) -> None:
+    device = args.device
+    unet = build_unet(args.channels)
+    model = wrap(unet, args.method, args.budget).to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
+    g = torch.Generator().manual_seed(0)
+    shape = (args.batch, 4, args.frames, args.size, args.size)
+    latents = torch.randn(shape, generator=g).to(device)
+    noise = torch.randn(shape, generator=g).to(device)
+    text = torch.randn(args.batch, 8, 64, generator=g).to(device)
+    t = torch.tensor([500] * args.batch, device=device)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.warmup + args.steps):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        noisy = (0.7 * latents + 0.7 * noise).detach().requires_grad_(True)
+        pred = model(noisy, t, encoder_hidden_states=text).sample
+        loss = torch.nn.functional.mse_loss(pred, noise)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    if device.startswith("cuda"):
+        peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:
+        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print(
+        json.dumps(
+            {
+                "method": args.method,
+                "trainable": sum(p.numel() for p in params),
+                "step_s": statistics.median(times),
+                "peak_mb": peak_mb,
+            }
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--channels", type=int, nargs="+", default=[64, 128, 256])
+    parser.add_argument("--frames", type=int, default=8)
+    parser.add_argument("--size", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--method", help=argparse.SUPPRESS)
+    parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.method:
+        worker(args)
+        return
+
+    common = [
+        "--device", args.device, "--channels", *map(str, args.channels), "--frames", str(args.frames),
+        "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+    ]  # fmt: skip
+    print(f"UNet3DConditionModel channels={args.channels} latents {args.frames}x{args.size}x{args.size} "
+          f"batch={args.batch} device={args.device} threads={torch.get_num_threads()}")  # fmt: skip
+    rows, budget = [], 0
+    for method in METHODS:
+        cmd = [sys.executable, __file__, *common, "--method", method, "--budget", str(budget)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        row = json.loads(out)
+        rows.append(row)
+        if method == "tucker (4,4,1,1,1)":
+            budget = row["trainable"]
+    floor = rows[0]
+    print("| method | trainable params | step (s) | step / frozen | peak memory (MB) |")
+    print("|---|---:|---:|---:|---:|")
+    for r in rows:
+        print(
+            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {r['step_s'] / floor['step_s']:.2f}x | "
+            f"{r['peak_mb']:.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Default ``target_modules`` per model family, used when ``TuckerLoraConfig.target_modules`` is None.
+
+``DEFAULT_TARGET_MODULES`` maps a model class name to a regex that peft full-matches against module
+names. The rule that turns it into targets: the layers Tucker-LoRA adapts (Linear / Conv1d / Conv2d /
+Conv3d, subclasses included) whose names match. Containers that happen to match (diffusers' causal-conv
+wrappers such as ``HunyuanVideoCausalConv3d``, an ``nn.Module`` holding its ``nn.Conv3d`` as ``.conv``)
+are skipped, so a pattern like ``(.*\\.)?conv`` selects the convolutions inside them.
+
+A model is looked up by its class name, then by the names of its base classes (a subclass of
+``UNet3DConditionModel`` gets that entry).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional
+
+from peft.tuners.tuners_utils import BaseTunerLayer
+from torch import nn
+
+from .layer import SUPPORTED_LAYERS
+
+__all__ = ["DEFAULT_TARGET_MODULES", "default_pattern", "default_target_names"]
+
+_UNET3D = r"(.*\.)?(temp_convs\.\d+\.conv\d\.\d+|resnets\.\d+\.conv[12])"
+
+#: Model class name -> regex of the modules to adapt by default (see the module docstring for the rule).
+DEFAULT_TARGET_MODULES: dict[str, str] = {
+    # video VAEs: every convolution of encoder and decoder (causal / chunked Conv3d subclasses included)
+    "AutoencoderKLWan": (
+        r"(.*\.)?(conv_in|conv_out|conv[12]|conv_shortcut|time_conv|resample\.1|to_qkv|proj|(post_)?quant_conv)"
+    ),
+    "AutoencoderKLCogVideoX": r"(.*\.)?(conv|conv_shortcut|(post_)?quant_conv)",
+    "AutoencoderKLHunyuanVideo": r"(.*\.)?(conv|(post_)?quant_conv)",
+    "AutoencoderKLLTXVideo": r"(.*\.)?conv",
+    "AutoencoderKLMochi": r"(.*\.)?conv|decoder\.conv_in",
+    # video UNets: temporal Conv3d + resnet Conv2d
+    "UNet3DConditionModel": _UNET3D,
+    "I2VGenXLUNet": _UNET3D,
+    "UNetSpatioTemporalConditionModel": r"(.*\.)?(spatial|temporal)_res_block\.conv[12]",
+    # AnimateDiff: resnet Conv2d + motion-module attention Linear
+    "UNetMotionModel": (
+        r"(.*\.)?(resnets\.\d+\.conv[12]"
+        r"|motion_modules\.\d+\.(proj_in|proj_out|transformer_blocks\.\d+\.attn\d+\.(to_q|to_k|to_v|to_out\.0)))"
+    ),
+    # Wan 2.x DiT: the Conv3d patch embedding + attention and feed-forward Linear of every block
+    "WanTransformer3DModel": (
+        r"patch_embedding|blocks\.\d+\.(attn[12]\.(to_q|to_k|to_v|to_out\.0)|ffn\.net\.(0\.proj|2))"
+    ),
+}
+
+
+def default_pattern(model: nn.Module) -> Optional[str]:
+    """The ``DEFAULT_TARGET_MODULES`` entry of ``model``'s class or its nearest listed base class, else None."""
+    for cls in type(model).__mro__:
+        if cls.__name__ in DEFAULT_TARGET_MODULES:
+            return DEFAULT_TARGET_MODULES[cls.__name__]
+    return None
+
+
+def default_target_names(model: nn.Module) -> Optional[list[str]]:
+    """Full names of the layers the default pattern selects in ``model`` (``named_modules()`` order), or None.
+
+    A layer already wrapped by an adapter counts as its base layer; the wrapper's inner ``base_layer``
+    is never listed twice.
+    """
+    pattern = default_pattern(model)
+    if pattern is None:
+        return None
+    names = []
+    for name, module in model.named_modules():
+        if "base_layer" in name.split(".") or re.fullmatch(pattern, name) is None:
+            continue
+        base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+        if isinstance(base, SUPPORTED_LAYERS):
+            names.append(name)
+    return names

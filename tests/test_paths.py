@@ -1,0 +1,226 @@
+"""The compute paths (factored, merged, auto) against plain ``F.conv*d`` with the merged weight."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from peft import get_peft_model
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
+from tucker_lora.functional import ConvGeometry, MergedConv
+
+MODES = ["factored", "merged", "auto"]
+
+
+def _adapt(base: nn.Module, ranks, mode: str, **kw) -> TuckerLoraLayer:
+    pm = get_peft_model(
+        nn.Sequential(base),
+        TuckerLoraConfig(target_modules=["0"], ranks=ranks, init_weights=False, forward_mode=mode, **kw),
+    )
+    return pm.base_model.model[0]
+
+
+def _reference(base: nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """The base conv's own math (``nn.ConvNd._conv_forward``) with another weight: independent of the adapter."""
+    ref = copy.deepcopy(base)
+    del ref.weight
+    ref.weight = weight
+    return ref(x)
+
+
+def _adapter_params(layer: TuckerLoraLayer) -> dict[str, torch.Tensor]:
+    return {n: p for n, p in layer.named_parameters() if "tucker_lora_" in n and p.requires_grad}
+
+
+conv_settings = st.fixed_dictionaries(
+    {
+        "dims": st.sampled_from([1, 2, 3]),
+        "stride": st.integers(1, 2),
+        "dilation": st.integers(1, 2),
+        "padding": st.sampled_from([0, 1, 2, "same", "valid"]),
+        "padding_mode": st.sampled_from(["zeros", "reflect", "replicate", "circular"]),
+        "bias": st.booleans(),
+        "kernel": st.integers(1, 3),
+        "in_ch": st.integers(1, 5),
+        "out_ch": st.integers(1, 5),
+        "ranks": st.tuples(*[st.integers(0 if n >= 2 else 1, 4) for n in range(5)]),
+        "alpha": st.sampled_from([1.0, -0.5, 2.0]),
+    }
+)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@settings(max_examples=25, deadline=None)
+@given(cfg=conv_settings, seed=st.integers(0, 2**16))
+def test_paths_match_reference_in_forward_and_every_gradient(mode, cfg, seed):
+    if cfg["padding"] == "same" and cfg["stride"] > 1:
+        cfg["stride"] = 1
+    torch.manual_seed(seed)
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dims"]]
+    base = conv_cls(
+        cfg["in_ch"],
+        cfg["out_ch"],
+        cfg["kernel"],
+        stride=cfg["stride"],
+        padding=cfg["padding"],
+        dilation=cfg["dilation"],
+        padding_mode=cfg["padding_mode"],
+        bias=cfg["bias"],
+    ).double()
+    layer = _adapt(base, cfg["ranks"], mode, alpha=cfg["alpha"]).double()
+    x = torch.randn(2, cfg["in_ch"], *[7] * cfg["dims"], dtype=torch.float64, requires_grad=True)
+    params = _adapter_params(layer)
+    y = layer(x)
+    w = base.weight + layer.get_delta_weight("default")
+    ref = _reference(base, x, w)
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *params.values()], dy)
+    expected = torch.autograd.grad(ref, [x, *params.values()], dy)
+    for name, a, b in zip(["x", *params], got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("pinned", [False, True])
+def test_merged_function_gradcheck(pinned):
+    torch.manual_seed(0)
+    conv = nn.Conv3d(3, 4, (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2)).double()
+    g = ConvGeometry.of(conv)
+    core = torch.randn(2, 3, 1 if pinned else 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    factors = [
+        torch.randn(4, 2, dtype=torch.float64, requires_grad=True),
+        torch.randn(3, 3, dtype=torch.float64, requires_grad=True),
+        torch.tensor([[0.0], [1.0], [0.0]], dtype=torch.float64)
+        if pinned
+        else torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
+        torch.randn(2, 2, dtype=torch.float64, requires_grad=True),
+        torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
+    ]
+    x = torch.randn(2, 3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    weight = conv.weight.detach().requires_grad_()
+    bias = conv.bias.detach().requires_grad_()
+
+    def f(x, weight, bias, core, *factors):
+        return MergedConv.apply(x, weight, bias, g, 0.7, core, *factors)
+
+    assert torch.autograd.gradcheck(f, (x, weight, bias, core, *factors))
+
+
+@pytest.mark.parametrize("mode", ["factored", "merged"])
+def test_linear_paths(mode):
+    torch.manual_seed(0)
+    base = nn.Linear(6, 5).double()
+    layer = _adapt(base, (3, 2, 1, 1, 1), mode).double()
+    x = torch.randn(2, 3, 6, dtype=torch.float64, requires_grad=True)
+    ref = F.linear(x, base.weight + layer.get_delta_weight("default"), base.bias)
+    torch.testing.assert_close(layer(x), ref)
+    params = list(_adapter_params(layer).values())
+    got = torch.autograd.grad(layer(x).sum(), [x, *params])
+    for a, b in zip(got, torch.autograd.grad(ref.sum(), [x, *params]), strict=True):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_modes_take_no_gradient_and_do_not_move(mode):
+    torch.manual_seed(0)
+    base = nn.Conv3d(4, 6, 3, padding=1)
+    layer = _adapt(base, (3, 2, 2, 2, 2), mode, freeze_modes=("i", "t"))
+    frozen = {"U_i": layer.tucker_lora_U_i["default"], "U_t": layer.tucker_lora_U_t["default"]}
+    assert all(not p.requires_grad for p in frozen.values())
+    before = {k: p.detach().clone() for k, p in frozen.items()}
+    trained = {n: p.detach().clone() for n, p in _adapter_params(layer).items()}
+    assert set(trained) == {
+        "tucker_lora_core.default",
+        "tucker_lora_U_o.default",
+        "tucker_lora_U_h.default",
+        "tucker_lora_U_w.default",
+    }
+    opt = torch.optim.AdamW(layer.parameters(), lr=0.1)
+    x = torch.randn(2, 4, 3, 5, 5)
+    layer(x).square().mean().backward()
+    assert all(p.grad is None for p in frozen.values())
+    opt.step()
+    for k, p in frozen.items():
+        assert torch.equal(p, before[k]), k
+    assert all(not torch.equal(p, trained[n]) for n, p in _adapter_params(layer).items())
+    # set_adapter / enable_adapters re-mark trainable params: the frozen modes must stay frozen
+    layer.set_adapter("default")
+    layer.enable_adapters(False)
+    layer.enable_adapters(True)
+    assert all(not p.requires_grad for p in frozen.values())
+
+
+def _saved_bytes(fn) -> int:
+    """Bytes of tensors autograd saves during ``fn()`` (``saved_tensors_hooks``), parameters excluded."""
+    total, seen = 0, set()
+
+    def pack(t):
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.numel())
+        if not isinstance(t, nn.Parameter) and key not in seen:  # count each saved buffer once
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
+
+
+def test_merged_path_with_frozen_u_i_saves_only_the_projection():
+    torch.manual_seed(0)
+    base = nn.Conv3d(32, 32, 3, padding=1)
+    x = torch.randn(1, 32, 4, 8, 8)
+    frozen_base = _saved_bytes(lambda: base(x.requires_grad_()))
+    unfrozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), "merged")
+    frozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), "merged", freeze_modes=("i",))
+    x_bytes = x.numel() * x.element_size()
+    assert frozen_base >= x_bytes  # torch's conv keeps x even with a frozen weight
+    assert _saved_bytes(lambda: unfrozen(x)) <= 1.01 * x_bytes
+    saved = _saved_bytes(lambda: frozen(x))
+    assert saved <= x_bytes * 4 / 32 * 1.01, saved / x_bytes  # only P = U_i^T x: r_i / I of x
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_autocast_bf16_keeps_fp32_adapter(mode):
+    torch.manual_seed(0)
+    base = nn.Conv3d(8, 8, 3, padding=1)
+    layer = _adapt(base, (4, 4, 2, 1, 1), mode)
+    x = torch.randn(2, 8, 3, 6, 6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    y.float().square().mean().backward()
+    assert y.dtype == torch.bfloat16
+    for p in _adapter_params(layer).values():
+        assert p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32
+    ref = _reference(base, x, base.weight + layer.get_delta_weight("default"))
+    torch.testing.assert_close(y.float(), ref, atol=5e-2, rtol=5e-2)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_gradient_checkpointing(mode):
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv3d(4, 6, 3, padding=1), nn.SiLU(), nn.Conv3d(6, 4, (3, 1, 1), padding=(1, 0, 0)))
+    pm = get_peft_model(
+        net, TuckerLoraConfig(target_modules=["0", "2"], init_weights=False, ranks=(3, 3, 2, 1, 1), forward_mode=mode)
+    )
+    x = torch.randn(2, 4, 3, 5, 5, requires_grad=True)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    plain = torch.autograd.grad(pm(x).square().sum(), [x, *params])
+    ckpt = torch.autograd.grad(checkpoint(pm, x, use_reentrant=False).square().sum(), [x, *params])
+    for a, b in zip(plain, ckpt, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_auto_picks_by_shape():
+    big_weight = _adapt(nn.Conv3d(64, 64, 3, padding=1), (4, 4, 1, 1, 1), "auto")
+    assert big_weight._choose_path((torch.randn(1, 64, 2, 2, 2),), {}, ["default"]) == "factored"
+    big_input = _adapt(nn.Conv3d(8, 8, 3, padding=1), (4, 4, 1, 1, 1), "auto")
+    assert big_input._choose_path((torch.randn(1, 8, 8, 16, 16),), {}, ["default"]) == "merged"
