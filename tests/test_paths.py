@@ -183,9 +183,10 @@ def test_merged_path_with_frozen_u_i_saves_only_the_projection():
     frozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), "merged", freeze_modes=("i",))
     x_bytes = x.numel() * x.element_size()
     assert frozen_base >= x_bytes  # torch's conv keeps x even with a frozen weight
-    assert _saved_bytes(lambda: unfrozen(x)) <= 1.01 * x_bytes
+    kernel_bytes = 4 * 4 * 27 * 4  # the small kernel K (r_o, r_i, 3, 3, 3), kept for the backward
+    assert _saved_bytes(lambda: unfrozen(x)) <= x_bytes + kernel_bytes
     saved = _saved_bytes(lambda: frozen(x))
-    assert saved <= x_bytes * 4 / 32 * 1.01, saved / x_bytes  # only P = U_i^T x: r_i / I of x
+    assert saved <= x_bytes * 4 / 32 + kernel_bytes, saved / x_bytes  # only P = U_i^T x: r_i / I of x
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -221,6 +222,6 @@ def test_gradient_checkpointing(mode):
 
 def test_auto_picks_by_shape():
     big_weight = _adapt(nn.Conv3d(64, 64, 3, padding=1), (4, 4, 1, 1, 1), "auto")
-    assert big_weight._choose_path((torch.randn(1, 64, 2, 2, 2),), {}, ["default"]) == "factored"
+    assert big_weight._choose_path(torch.randn(1, 64, 2, 2, 2), ["default"]) == "factored"
     big_input = _adapt(nn.Conv3d(8, 8, 3, padding=1), (4, 4, 1, 1, 1), "auto")
-    assert big_input._choose_path((torch.randn(1, 8, 8, 16, 16),), {}, ["default"]) == "merged"
+    assert big_input._choose_path(torch.randn(1, 8, 8, 16, 16), ["default"]) == "merged"

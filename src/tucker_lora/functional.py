@@ -17,6 +17,7 @@ All give ``layer(x)`` with the weight ``W + alpha * dW``, ``dW = K x_1 U_o x_2 U
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -25,23 +26,54 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .tucker import mode_product, reconstruct_grads
-
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
-_CONV_INPUT_GRAD = {1: nn.grad.conv1d_input, 2: nn.grad.conv2d_input, 3: nn.grad.conv3d_input}
 _CONV_WEIGHT_GRAD = {1: nn.grad.conv1d_weight, 2: nn.grad.conv2d_weight, 3: nn.grad.conv3d_weight}
 
 
 # ---------------------------------------------------------------------------------------------- tensors
+_CORE, _KIN, _KOUT = "ab", "cde", "xyz"
+
+
+@functools.cache
+def _kernel_equations(n_kernel: int) -> tuple[str, str, tuple[str, ...]]:
+    """einsum equations for ``K = G x_n U_n`` over ``n_kernel`` kernel modes, and its gradients."""
+    kin, kout = _KIN[:n_kernel], _KOUT[:n_kernel]
+    factors = [f"{o}{i}" for o, i in zip(kout, kin, strict=True)]
+    forward = f"{_CORE}{kin},{','.join(factors)}->{_CORE}{kout}"
+    d_core = f"{_CORE}{kout},{','.join(factors)}->{_CORE}{kin}"
+    d_factors = tuple(
+        f"{_CORE}{kout},{_CORE}{kin}{''.join(',' + f for m, f in enumerate(factors) if m != n)}->{factors[n]}"
+        for n in range(n_kernel)
+    )
+    return forward, d_core, d_factors
+
+
 def small_kernel(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``K = G x_3 U_t x_4 U_h x_5 U_w``: the core expanded along the kernel modes only.
 
     core: (r_o, r_i, r_k...); factors: all modes, (dim_n, r_n). Returns (r_o, r_i, k...).
-    For a Linear (no kernel mode) this is the core itself.
+    For a Linear (no kernel mode) this is the core itself. One ``einsum``: the same numbers as
+    ``tucker.reconstruct`` restricted to the kernel modes, in one call.
     """
-    for n in range(2, core.ndim):
-        core = mode_product(core, factors[n], n)
-    return core
+    if core.ndim == 2:
+        return core
+    return torch.einsum(_kernel_equations(core.ndim - 2)[0], core, *factors[2:])
+
+
+def small_kernel_grads(
+    dK: torch.Tensor, core: torch.Tensor, factors: Sequence[torch.Tensor], need: Sequence[bool]
+) -> list[torch.Tensor | None]:
+    """Gradients of ``small_kernel`` given ``dK``: ``[dG, dU_t, dU_h, dU_w]`` (None where not needed).
+
+    ``dG = dK x_n U_n^T``; ``dU_n = dK_(n) (G x_{m != n} U_m)_(n)^T``.
+    """
+    kernel = list(factors[2:])
+    _, d_core, d_factors = _kernel_equations(len(kernel))
+    out: list[torch.Tensor | None] = [torch.einsum(d_core, dK, *kernel) if need[0] else None]
+    for n, eq in enumerate(d_factors):
+        others = [U for m, U in enumerate(kernel) if m != n]
+        out.append(torch.einsum(eq, dK, core, *others) if need[n + 1] else None)
+    return out
 
 
 def _kernel_times_U_i(K: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
@@ -117,7 +149,11 @@ class ConvGeometry:
         return _CONV[self.dims](x, w, bias, self.stride, self.padding, self.dilation)
 
     def input_grad(self, shape: torch.Size, w: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        return _CONV_INPUT_GRAD[self.dims](shape, w, dy, self.stride, self.padding, self.dilation)
+        dims = self.dims
+        empty = dy.new_empty(shape)  # only its shape is read
+        return torch.ops.aten.convolution_backward(
+            dy, empty, w, None, self.stride, self.padding, self.dilation, False, (0,) * dims, 1, (True, False, False)
+        )[0]
 
     def weight_grad(self, x: torch.Tensor, shape: torch.Size, dy: torch.Tensor) -> torch.Tensor:
         return _CONV_WEIGHT_GRAD[self.dims](x, shape, dy, self.stride, self.padding, self.dilation)
@@ -168,20 +204,20 @@ class MergedConv(torch.autograd.Function):
     def forward(ctx, x, weight, bias, geometry: ConvGeometry, alpha: float, core, *factors):  # type: ignore[override]
         U_o, U_i = factors[0], factors[1]
         with torch.no_grad():  # the same kernels whether or not any input requires grad
-            merged = merged_weight(weight, small_kernel(core, factors), U_o, U_i, alpha)
-            y = geometry.conv(x, merged, bias)
+            K = small_kernel(core, factors)
+            y = geometry.conv(x, merged_weight(weight, K, U_o, U_i, alpha), bias)
         train_factors = [ctx.needs_input_grad[6 + n] for n in range(len(factors))]
         adapter_grad = ctx.needs_input_grad[5] or any(train_factors)
         keep_x = train_factors[1] or ctx.needs_input_grad[1]
         P = channel_mix(x, U_i.T.to(x.dtype)) if adapter_grad and not keep_x else None
         ctx.geometry, ctx.alpha, ctx.n_factors = geometry, alpha, len(factors)
         ctx.x_shape, ctx.autocast = x.shape, autocast_state(x.device.type)
-        ctx.save_for_backward(x if keep_x else None, P, weight, core, *factors)
+        ctx.save_for_backward(x if keep_x else None, P, K, weight, core, *factors)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, P, weight, core, *factors = ctx.saved_tensors
+        x, P, K, weight, core, *factors = ctx.saved_tensors
         g, alpha = ctx.geometry, ctx.alpha
         U_o, U_i = factors[0], factors[1]
         need = ctx.needs_input_grad
@@ -189,19 +225,18 @@ class MergedConv(torch.autograd.Function):
         grads: list[torch.Tensor | None] = [None] * (6 + ctx.n_factors)
         with torch.autocast(dy.device.type, dtype=dtype, enabled=enabled):
             if need[0]:
-                with torch.no_grad():
-                    merged = merged_weight(weight, small_kernel(core, factors), U_o, U_i, alpha)
+                merged = merged_weight(weight, K, U_o, U_i, alpha)
                 grads[0] = g.input_grad(ctx.x_shape, merged.to(dy.dtype), dy)
             if need[1]:
                 grads[1] = g.weight_grad(x.to(dy.dtype), weight.shape, dy).to(weight.dtype)
             if need[2]:
                 grads[2] = dy.sum(dim=[d for d in range(dy.ndim) if d != 1])
             if need[5] or any(need[6:]):
-                grads[5:] = _merged_adapter_grads(x, P, dy, g, alpha, core, factors, need[5:])
+                grads[5:] = _merged_adapter_grads(x, P, K, dy, g, alpha, core, factors, need[5:])
         return tuple(grads)
 
 
-def _merged_adapter_grads(x, P, dy, g: ConvGeometry, alpha: float, core, factors, need) -> list[torch.Tensor | None]:
+def _merged_adapter_grads(x, P, K, dy, g: ConvGeometry, alpha, core, factors, need) -> list[torch.Tensor | None]:
     """Gradients of core and factors from ``P = U_i^T x``, ``Q = U_o^T dy`` and kernel-sized correlations."""
     U_o, U_i = factors[0], factors[1]
     dtype = dy.dtype
@@ -209,16 +244,13 @@ def _merged_adapter_grads(x, P, dy, g: ConvGeometry, alpha: float, core, factors
         P = channel_mix(x, U_i.T.to(x.dtype))
     P = P.to(dtype)
     Q = channel_mix(dy, U_o.T.to(dtype))  # (N, r_o, *S')
-    K = small_kernel(core, factors)
     Kd = K.to(dtype)
     out: list[torch.Tensor | None] = [None] * len(need)
     if need[0] or any(need[3:]):
         dK = alpha * g.weight_grad(P, K.shape, Q).to(K.dtype)  # (r_o, r_i, k...) = corr(P, Q)
-        kernel = {n: factors[n] for n in range(2, core.ndim)}
-        d_core, d_kernel = reconstruct_grads(dK, core, kernel, {n: need[n + 1] for n in kernel}, need[0])
-        out[0] = d_core
-        for n, dU in d_kernel.items():
-            out[n + 1] = dU
+        grads = small_kernel_grads(dK, core, factors, [need[0], *need[3:]])
+        out[0] = grads[0]
+        out[3:] = grads[1:]
     if need[1]:  # U_o: dy z^T with z = conv(P, K)
         z = g.conv(P, Kd)
         out[1] = alpha * _batch_outer(dy, z).to(U_o.dtype)
@@ -256,12 +288,13 @@ def module_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: 
 
 
 # ---------------------------------------------------------------------------------------------- cost model
-def choose_path(weight_numel: int, r_o: int, x_numel: int, y_numel: int) -> str:
+def choose_path(weight_numel: int, x_numel: int, y_numel: int) -> str:
     """``"merged"`` or ``"factored"`` for one plain conv call.
 
-    merged pays for forming ``W + alpha * dW`` (about ``r_o`` multiply-adds per weight entry,
-    twice in training: forward and backward); factored pays a few extra passes over the
-    full-size activations (reading x, writing into y, and their gradients). Calibrated on CPU by
-    ``benchmarks/bench_layers.py``.
+    merged pays for forming ``W + alpha * dW`` (a read and a write of the weight, in the forward and
+    again in the backward) and four reads of x / dy for the adapter gradients; factored pays about
+    eight passes over the full-size activations (projecting x, adding into y, their gradients and
+    the extra input gradient). Measured on CPU (``benchmarks/bench_layers.py``), merged wins when
+    the weight has fewer entries than the input and output activations together.
     """
-    return "merged" if weight_numel * (r_o + 1) < 2 * (x_numel + y_numel) else "factored"
+    return "merged" if weight_numel < x_numel + y_numel else "factored"

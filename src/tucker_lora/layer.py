@@ -48,12 +48,15 @@ def is_plain(module: nn.Module) -> bool:
 
 
 def _first_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
-    """The input tensor of a Linear/Conv call, positional or ``input=`` keyword."""
+    """The input tensor of a Linear/Conv call: positional, ``input=``, or the first tensor keyword."""
     if args:
         return args[0]
     if "input" in kwargs:
         return kwargs["input"]
-    raise TypeError("adapted layer called without an input tensor (positional or input=)")
+    for value in kwargs.values():
+        if isinstance(value, torch.Tensor):
+            return value
+    raise TypeError("adapted layer called without an input tensor")
 
 
 def _check_weight(weight: object, layer_name: str) -> None:
@@ -65,36 +68,6 @@ def _check_weight(weight: object, layer_name: str) -> None:
             f"layer '{layer_name}': weight is a {type(weight).__name__} of dtype {weight.dtype}; Tucker-LoRA needs a "
             "plain floating-point weight (dequantise the layer, or leave it out of target_modules)"
         )
-
-
-def _refuse_meta(layer: TuckerLoraLayer, args: tuple, kwargs: dict[str, Any]) -> None:
-    """Forward pre-hook: stop a real input meeting weights on the meta device, naming the layer.
-
-    torch's CPU conv and matmul read a meta weight as uninitialised memory and return garbage without an
-    error, so a model whose weights (or adapter weights, e.g. after ``low_cpu_mem_usage`` injection) were
-    never loaded must not run. Meta inputs (shape tracing) pass; under torch.compile the check is skipped
-    (it would split the graph).
-    """
-    if torch.compiler.is_compiling():
-        return
-    x = args[0] if args else next((v for v in kwargs.values() if isinstance(v, torch.Tensor)), None)
-    if not isinstance(x, torch.Tensor) or x.is_meta:
-        return
-    if layer.get_base_layer().weight.is_meta:
-        raise RuntimeError(
-            f"layer '{layer.layer_name}': the base weight is on the meta device (never loaded?); load the model's "
-            "weights before running it"
-        )
-    if layer.disable_adapters or layer.merged:
-        return
-    for name in layer.active_adapters:
-        for attr in layer.adapter_layer_names:
-            param = getattr(layer, attr).get(name)
-            if param is not None and param.is_meta:
-                raise RuntimeError(
-                    f"layer '{layer.layer_name}': adapter '{name}' ({attr}) is on the meta device (created with "
-                    "low_cpu_mem_usage and never loaded?); load its state dict before running the model"
-                )
 
 
 class TuckerLoraLayer(nn.Module, BaseTunerLayer):
@@ -111,9 +84,9 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
                 f"layer '{layer_name}' is a {type(base_layer).__name__}; Tucker-LoRA adapts {names} (and subclasses)"
             )
         self.base_layer = base_layer
-        self.register_forward_pre_hook(_refuse_meta, with_kwargs=True)
         self.layer_name = layer_name or type(base_layer).__name__
-        plain_conv = is_plain(base_layer) and not isinstance(base_layer, nn.Linear)
+        self._plain = is_plain(base_layer)
+        plain_conv = self._plain and not isinstance(base_layer, nn.Linear)
         self._geometry = ConvGeometry.of(base_layer) if plain_conv else None
         self.forward_mode = "auto"
         self.tucker_lora_core = nn.ParameterDict()
@@ -249,18 +222,17 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """``base(x)`` plus each active adapter's ``alpha * dW * x``; keyword calls (``input=x``) included."""
         base = self.get_base_layer()
-        if self.disable_adapters:
-            if self.merged:
-                self.unmerge()
+        x = _first_input(args, kwargs)
+        active = [] if self.disable_adapters or self.merged else self._active()
+        self._refuse_meta(x, base, active)
+        if self.disable_adapters and self.merged:
+            self.unmerge()
+        if not active:
             return base(*args, **kwargs)
-        active = self._active()
-        if self.merged or not active:
-            return base(*args, **kwargs)
-        path = self._choose_path(args, kwargs, active)
+        path = self._choose_path(x, active)
         if path == "module":
             weight = base.weight + sum(self.get_delta_weight(a) for a in active)
             return module_forward(base, weight, args, kwargs)
-        x = _first_input(args, kwargs)
         if path == "grouped":  # dropout on the adapter input: a second grouped conv with alpha * dW
             deltas = [
                 base._conv_forward(self.tucker_lora_dropout[a](x), self.get_delta_weight(a), None) for a in active
@@ -293,11 +265,28 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             return factored_conv(result.unsqueeze(0), x.unsqueeze(0), self._geometry, core, factors, alpha).squeeze(0)
         return factored_conv(result, x, self._geometry, core, factors, alpha)
 
-    def _choose_path(self, args: tuple, kwargs: dict[str, Any], active: list[str]) -> str:
+    def _refuse_meta(self, x: torch.Tensor, base: nn.Module, active: list[str]) -> None:
+        """A real input must not meet weights on the meta device: torch's CPU conv and matmul read them as
+        uninitialised memory and return garbage. Meta inputs (shape tracing) pass."""
+        if x.is_meta:
+            return
+        if base.weight.is_meta:
+            raise RuntimeError(
+                f"layer '{self.layer_name}': the base weight is on the meta device (never loaded?); load the "
+                "model's weights before running it"
+            )
+        for name in active:
+            if self.tucker_lora_core[name].is_meta:
+                raise RuntimeError(
+                    f"layer '{self.layer_name}': adapter '{name}' (tucker_lora_core) is on the meta device (created "
+                    "with low_cpu_mem_usage and never loaded?); load its state dict before running the model"
+                )
+
+    def _choose_path(self, x: torch.Tensor, active: list[str]) -> str:
         """``"module"``, ``"merged"`` or ``"factored"`` for this call (``forward_mode`` and the cost model)."""
         base = self.get_base_layer()
         dropout_on = self.training and any(isinstance(self.tucker_lora_dropout[a], nn.Dropout) for a in active)
-        if not is_plain(base):
+        if not self._plain:
             return "module"
         if getattr(base, "groups", 1) > 1:
             return "grouped" if dropout_on else "module"
@@ -308,10 +297,9 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             return "factored"
         if mode == "merged":
             return "merged"
-        x = _first_input(args, kwargs)
         weight = base.weight
         y_numel = x.numel() // weight.shape[1] * weight.shape[0]  # stride-1 estimate of the output size
-        return choose_path(weight.numel(), self.mode_ranks[active[0]].ranks[0], x.numel(), y_numel)
+        return choose_path(weight.numel(), x.numel(), y_numel)
 
     def __repr__(self) -> str:
         return "tucker_lora." + super().__repr__()

@@ -191,26 +191,3 @@ def orthonormalise(
         core = mode_product(core, R, n)
         new_factors.append(Q)
     return core, new_factors
-
-
-def reconstruct_grads(
-    dT: torch.Tensor, core: torch.Tensor, factors: dict[int, torch.Tensor], need: dict[int, bool], need_core: bool
-) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
-    """Gradients of ``T = G x_n U_n`` (over the modes n in ``factors``) given ``dT = dL/dT``.
-
-    ``dL/dG = dT x_n U_n^T`` over those modes; ``dL/dU_n = dT_(n) (G x_{m != n} U_m)_(n)^T``.
-    """
-    d_core = None
-    if need_core:
-        d_core = dT
-        for n, U in factors.items():
-            d_core = mode_product(d_core, U.T, n)
-    d_factors = {}
-    for n in factors:
-        if need.get(n):
-            partial = core
-            for m, U in factors.items():
-                if m != n:
-                    partial = mode_product(partial, U, m)
-            d_factors[n] = unfold(dT, n) @ unfold(partial, n).T
-    return d_core, d_factors
