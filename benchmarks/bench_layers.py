@@ -3,7 +3,9 @@
 For each layer shape, in one process and interleaved round-robin (so machine noise hits every
 column alike), it times a training step (forward + backward with the input gradient, as for a
 layer inside a network; the adapter also gets its parameter gradients) and an inference forward,
-and counts the bytes autograd saves for the backward (``saved_tensors_hooks``; deterministic).
+counts the bytes autograd saves for the backward (``saved_tensors_hooks``; deterministic), and measures
+the peak memory of a training step through four copies of the layer in a row (so each layer's input is
+kept alive only by what autograd saves).
 Times are medians, reported as ratios to the frozen base layer. Baselines get the trainable
 parameter count nearest to Tucker's: peft LoRA rank ``round(P / (I*k + O))`` (at least 1) and
 LyCORIS LoCon-Tucker rank solving ``r*I + r*r*k + r*O = P``.
@@ -17,9 +19,12 @@ from __future__ import annotations
 
 import argparse
 import copy
+import gc
 import json
 import math
+import os
 import statistics
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +96,10 @@ def build_columns(shape: Shape, ranks: tuple[int, ...], device: str) -> dict[str
         columns[f"LyCORIS LoCon-Tucker r={r_ly}"] = nn.ModuleDict({"layer": ly_base, "adapter": ly})
     except ImportError:
         print("lycoris-lora not installed: LyCORIS column skipped (pip install lycoris-lora)")
+    cfg = TuckerLoraConfig(
+        target_modules=["0"], ranks=ranks, init_weights=False, forward_mode="merged", freeze_modes=("i",)
+    )
+    columns["tucker merged, freeze_modes=('i',)"] = get_peft_model(nn.Sequential(copy.deepcopy(base)), cfg)
     full = copy.deepcopy(base).requires_grad_(True)
     columns["full fine-tuning"] = full
     return columns
@@ -127,6 +136,45 @@ def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
     return total
 
 
+def _proc_status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise KeyError(field)
+
+
+STACK = 4
+
+
+def stack_step(stack: list[nn.Module], x: torch.Tensor) -> None:
+    """Forward through the stack then backward: each layer's input is kept alive only by what autograd saves."""
+    h = x.detach().requires_grad_(True)
+    for module in stack:
+        h = call(module, h)
+    h.square().mean().backward()
+
+
+def peak_step_mb(module: nn.Module, x: torch.Tensor, device: str) -> float:
+    """Peak memory a training step of ``STACK`` copies of the layer in a row adds: CUDA max allocated, or on
+    Linux the rise of the process's peak RSS (reset through ``/proc/self/clear_refs``) above the resident size
+    before the step. Only layers with as many outputs as inputs and stride 1 stack."""
+    stack = [copy.deepcopy(module) for _ in range(STACK)]
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        stack_step(stack, x)
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - before) / 2**20
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _proc_status_kb("VmRSS")
+    stack_step(stack, x)
+    return (_proc_status_kb("VmHWM") - before) / 1024
+
+
 def bench_shape(shape: Shape, ranks: tuple[int, ...], device: str, repeats: int, warmup: int) -> dict:
     columns = build_columns(shape, ranks, device)
     x = torch.randn(shape.input, device=device, requires_grad=True)
@@ -150,6 +198,11 @@ def bench_shape(shape: Shape, ranks: tuple[int, ...], device: str, repeats: int,
             if i >= warmup:
                 train[name].append(t1 - t0)
                 infer[name].append(t2 - t1)
+    peak = {}
+    for name, module in columns.items():
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        peak[name] = peak_step_mb(module, x, device)
     floor_t, floor_i = statistics.median(train["frozen base"]), statistics.median(infer["frozen base"])
     rows = []
     for name, module in columns.items():
@@ -161,6 +214,7 @@ def bench_shape(shape: Shape, ranks: tuple[int, ...], device: str, repeats: int,
                 "train_ratio": statistics.median(train[name]) / floor_t,
                 "infer_ratio": statistics.median(infer[name]) / floor_i,
                 "saved_vs_x": saved_bytes(module, x) / (x.numel() * x.element_size()),
+                "peak_mb": peak[name],
             }
         )
     return {"shape": shape.name, "rows": rows}
@@ -170,18 +224,20 @@ def markdown(result: dict) -> str:
     lines = [
         f"**{result['shape']}**",
         "",
-        "| method | trainable params | train step (ms) | train / frozen | inference / frozen | saved (x = 1) |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | params | step (ms) | train / frozen | inference / frozen | saved (x=1) | peak, 4 in a row (MB) |",
+        "|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['method']} | {r['params']:,} | {r['train_ms']:.1f} | {r['train_ratio']:.2f}x | "
-            f"{r['infer_ratio']:.2f}x | {r['saved_vs_x']:.2f} |"
+            f"{r['infer_ratio']:.2f}x | {r['saved_vs_x']:.2f} | {r['peak_mb']:.1f} |"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # large tensors mmapped and returned on free: honest RSS peaks
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full-size", action="store_true", help="the issue's layer sizes instead of the CPU ones")
