@@ -83,6 +83,35 @@ def staged_directory(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(stage, ignore_errors=True)
 
 
+def replace_directory(src: str | os.PathLike, dst: str | os.PathLike) -> None:
+    """Move the finished folder ``src`` to ``dst`` (same file system), replacing any folder already there.
+
+    The files of ``src`` are synced to disk first, then ``src`` is renamed to ``dst`` in one atomic rename.
+    An existing ``dst`` is first renamed aside (``.{name}.old-*``) and deleted only once the new one is in
+    place, so a crash at any point leaves a complete ``dst``, old or new (or, between the two renames, the
+    old one under its aside name).
+    """
+    src, dst = Path(src), Path(dst)
+    for path in (p for p in src.rglob("*") if p.is_file()):
+        _fsync(path)
+    aside = None
+    if dst.exists():
+        aside = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
+        os.replace(dst, aside / dst.name)
+    os.replace(src, dst)
+    _fsync_dir(dst.parent)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def save_adapter(model: Any, save_directory: str | os.PathLike, **kwargs: Any) -> None:
     """``model.save_pretrained(save_directory, **kwargs)``, crash-safe: files are staged, then renamed into place."""
     with staged_directory(save_directory) as stage:

@@ -1,0 +1,38 @@
+"""Fine-tuning and sampling text-to-video diffusion models with Tucker-LoRA (the ``video`` extra).
+
+One module per job; diffusers, transformers, accelerate and PyAV are imported inside them, never by
+``import tucker_lora``:
+
+- ``data``: video readers (MSR-VTT, a folder of videos with ``captions.csv``) and the synthetic
+  moving-shapes dataset, all yielding ``{"pixel_values": (3, T, R, R) in [-1, 1], "caption": str}``;
+- ``pipeline``: the backbones (diffusers ``UNet3DConditionModel`` with its text-to-video pipeline,
+  AnimateDiff's ``UNetMotionModel``): a tiny random pipeline built from configs with a local tokenizer,
+  loading a local diffusers folder, prompt encoding and sampling;
+- ``adapters``: the adapter config per method (Tucker-LoRA, or peft LoRA at a matched parameter count);
+- ``ema``: exponential moving average of the adapter parameters;
+- ``checkpoint``: crash-safe accelerate checkpoints and the per-step JSONL log;
+- ``media``: MP4 / GIF writing and the PNG grid of frames t=0 / mid / end;
+- ``train`` / ``sample``: the command lines behind ``examples/train_text_to_video.py`` and
+  ``examples/sample_text_to_video.py``.
+"""
+
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any, Optional
+
+
+class InputError(ValueError):
+    """Bad input from the user (a path, a dataset, an argument); the message names the thing."""
+
+
+def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> int:
+    """Run a command line's ``main``: bad input prints ``error: ...`` (no traceback) and gives exit status 2."""
+    try:
+        main(argv)
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+__all__ = ["InputError", "run_cli"]

@@ -1,0 +1,169 @@
+"""The adapter a training run puts on the UNet: Tucker-LoRA, or peft LoRA at a matched parameter count.
+
+Both go on the same layers: the UNet's ``tucker_lora.DEFAULT_TARGET_MODULES`` entry (UNet3D: temporal
+Conv3d + resnet Conv2d; AnimateDiff: resnet Conv2d + motion-module Linear) or ``target_modules``.
+The LoRA baseline gets the rank whose parameter count on those layers is closest to Tucker-LoRA's
+(peft LoRA on a weight ``(O, I/g, *k)``: ``r * (I/g * prod(k) + O)``), and ``lora_alpha = alpha * r``
+so that, as for Tucker-LoRA, ``alpha`` multiplies the update.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+from torch import nn
+
+from ..config import TuckerLoraConfig
+from ..layer import SUPPORTED_LAYERS
+from ..targets import default_target_names
+from ..testing import minimal_suffixes
+from ..tucker import resolve_ranks
+from . import InputError
+
+__all__ = [
+    "DEFAULT_RANKS",
+    "METHODS",
+    "AdapterPlan",
+    "accept_input_keyword",
+    "lora_num_params",
+    "matched_lora_rank",
+    "plan_adapter",
+    "target_layer_names",
+    "tucker_num_params",
+]
+
+METHODS = ("tucker", "lora")
+#: The paper's ranks (section 5): VC-5D (4, 4, 1, 1, 1) on the Conv3d UNet, AD-2D (4, 4, 0, 1, 1) on AnimateDiff.
+DEFAULT_RANKS = {"unet3d": (4, 4, 1, 1, 1), "animatediff": (4, 4, 0, 1, 1)}
+_REGEX_CHARS = set("\\^$*+?[](){}|")
+
+
+def target_layer_names(unet: nn.Module, target_modules: Union[None, str, Sequence[str]] = None) -> list[str]:
+    """Full names of the Linear / Conv layers to adapt.
+
+    ``None``: the model's default targets; a string: a regex that must match a whole name (peft's rule);
+    a list: names or dotted suffixes (peft's rule). Matching nothing is an ``InputError``.
+    """
+    if target_modules is None:
+        names = default_target_names(unet) or []
+    else:
+        from peft.tuners.tuners_utils import check_target_module_exists
+
+        probe = TuckerLoraConfig(target_modules=target_modules)
+        names = [
+            n
+            for n, m in unet.named_modules()
+            if n and isinstance(m, SUPPORTED_LAYERS) and check_target_module_exists(probe, n)
+        ]
+    if not names:
+        what = "the default targets" if target_modules is None else f"target_modules {target_modules!r}"
+        raise InputError(f"{what} match no Linear / Conv1d / Conv2d / Conv3d layer of the {type(unet).__name__}")
+    return names
+
+
+def parse_target_modules(values: Optional[Sequence[str]]) -> Union[None, str, list[str]]:
+    """The command line's ``--target_modules``: one value with regex characters is a regex, else a name list."""
+    if not values:
+        return None
+    values = [v for value in values for v in value.split(",") if v]
+    if len(values) == 1 and _REGEX_CHARS & set(values[0]):
+        re.compile(values[0])
+        return values[0]
+    return values
+
+
+def _weights(unet: nn.Module, names: Sequence[str]) -> list[tuple[str, Any]]:
+    modules = dict(unet.named_modules())
+    return [(n, modules[n].weight) for n in names]
+
+
+def tucker_num_params(unet: nn.Module, names: Sequence[str], ranks: Sequence[int]) -> int:
+    """Tucker-LoRA's trainable parameters on these layers (Proposition 1 per layer)."""
+    return sum(resolve_ranks(ranks, w.shape, n).num_params() for n, w in _weights(unet, names))
+
+
+def lora_num_params(unet: nn.Module, names: Sequence[str], rank: int) -> int:
+    """peft LoRA's trainable parameters at ``rank`` on these layers: ``r * (fan_in + O)`` per layer."""
+    return rank * sum(w.numel() // w.shape[0] + w.shape[0] for _, w in _weights(unet, names))
+
+
+def matched_lora_rank(unet: nn.Module, names: Sequence[str], ranks: Sequence[int]) -> int:
+    """The LoRA rank (>= 1) whose parameter count on ``names`` is closest to Tucker-LoRA's at ``ranks``."""
+    target = tucker_num_params(unet, names, ranks)
+    per_rank = lora_num_params(unet, names, 1)
+    low = max(1, target // per_rank)
+    return min((low, low + 1), key=lambda r: (abs(r * per_rank - target), r))
+
+
+@dataclass
+class AdapterPlan:
+    """The peft config to apply and what it amounts to (logged at the start of training)."""
+
+    method: str
+    config: Any
+    layers: list[str]
+    num_params: int
+    tucker_num_params: int
+    lora_rank: Optional[int] = None
+
+
+def plan_adapter(
+    method: str,
+    unet: nn.Module,
+    ranks: Sequence[int],
+    alpha: float = 1.0,
+    target_modules: Union[None, str, Sequence[str]] = None,
+    init_weights: Union[bool, str] = True,
+    core_init_scale: float = 0.0,
+    lora_rank: Optional[int] = None,
+) -> AdapterPlan:
+    """The adapter config of a run: ``TuckerLoraConfig`` or (``method="lora"``) a matched ``peft.LoraConfig``.
+
+    ``target_modules`` is resolved to the layer names here and written to the config as the shortest
+    suffixes that select exactly them, so the saved ``adapter_config.json`` reloads onto the same layers.
+    """
+    if method not in METHODS:
+        raise InputError(f"unknown adapter method {method!r}: expected one of {', '.join(METHODS)}")
+    names = target_layer_names(unet, target_modules)
+    suffixes = minimal_suffixes((n for n, _ in unet.named_modules()), names)
+    tucker_params = tucker_num_params(unet, names, ranks)
+    if method == "tucker":
+        config = TuckerLoraConfig(
+            ranks=tuple(ranks),
+            alpha=alpha,
+            target_modules=suffixes,
+            init_weights=init_weights,
+            core_init_scale=core_init_scale,
+        )
+        return AdapterPlan(method, config, names, tucker_params, tucker_params)
+    from peft import LoraConfig
+
+    rank = lora_rank or matched_lora_rank(unet, names, ranks)
+    config = LoraConfig(r=rank, lora_alpha=alpha * rank, target_modules=suffixes, init_lora_weights=True)
+    return AdapterPlan(method, config, names, lora_num_params(unet, names, rank), tucker_params, rank)
+
+
+def _input_to_positional(module: nn.Module, args: tuple, kwargs: dict) -> Optional[tuple[tuple, dict]]:
+    if not args and "input" in kwargs:
+        kwargs = dict(kwargs)
+        return (kwargs.pop("input"),), kwargs
+    return None
+
+
+def accept_input_keyword(model: nn.Module) -> int:
+    """Let peft LoRA layers be called as ``layer(input=x)``, as AnimateDiff's motion modules call them.
+
+    peft's ``lora.Linear.forward(x, ...)`` has no ``input`` parameter (the README's compatibility table);
+    a forward pre-hook moves the keyword to the first positional argument. Returns how many layers got it.
+    """
+    from peft.tuners.lora import LoraLayer
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, LoraLayer):
+            module.register_forward_pre_hook(_input_to_positional, with_kwargs=True)
+            count += 1
+    return count

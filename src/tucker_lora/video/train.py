@@ -1,0 +1,669 @@
+"""Fine-tune a text-to-video diffusion model with Tucker-LoRA (or peft LoRA at a matched size), with accelerate.
+
+The command line of ``examples/train_text_to_video.py``, in the style of diffusers' training examples::
+
+    python examples/train_text_to_video.py                      # tiny random UNet3D on synthetic moving shapes
+    accelerate launch examples/train_text_to_video.py \\
+        --pretrained_model_name_or_path ./zeroscope_v2_576w --data_dir ./MSRVTT --output_dir out
+
+The paper's recipe (sections 3.4 and 5) is the default: the denoising loss with the noisy latents
+re-attached to the graph, AdamW (lr 1e-4, betas (0.9, 0.999), weight decay 1e-2), a cosine schedule with
+warm-up, gradient accumulation, an EMA of the adapter parameters (tau 0.999) that is used for validation
+and saved beside the raw adapter. Ranks default to (4, 4, 1, 1, 1) on the UNet3D and (4, 4, 0, 1, 1) on
+AnimateDiff.
+
+Reproducibility: every random draw of a step (VAE latent sample, caption dropout, noise, timesteps) comes
+from a generator seeded with (seed, step, micro-batch, process), the data order from accelerate's seedable
+sampler and the clips from (seed, epoch, index). With the optimiser, LR scheduler, EMA and RNG states in
+the checkpoint, ``--resume_from_checkpoint latest`` continues exactly where the run stopped.
+
+Outputs in ``--output_dir``: ``adapter/`` and ``adapter_ema/`` (peft ``save_pretrained`` folders),
+``checkpoint-<step>/`` (accelerate state; adapter weights only), ``train_log.jsonl`` (one line per step),
+``validation/step-<step>/`` (MP4 or GIF per prompt and seed, ``grid.png``), ``base_model/`` (the tiny
+default pipeline, when no model was given) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import InputError, run_cli
+from .adapters import DEFAULT_RANKS, METHODS, parse_target_modules
+from .checkpoint import Checkpoints
+from .data import example_captions, load_dataset
+from .pipeline import (
+    BACKBONES,
+    VideoComponents,
+    check_pipeline_folder,
+    enable_gradient_checkpointing,
+    encode_prompts,
+)
+
+logger = logging.getLogger("tucker_lora.video.train")
+
+__all__ = ["TrainResult", "build_parser", "diffusion_loss", "main", "parse_args", "step_generator", "step_seeds"]
+
+INIT_CHOICES = {"true": True, "false": False, "hosvd": "hosvd", "hooi": "hooi"}
+
+
+# ---------------------------------------------------------------------------------------------- arguments
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description="Fine-tune a text-to-video diffusion model with Tucker-LoRA (or matched peft LoRA).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument(
+        "--pretrained_model_name_or_path",
+        default=None,
+        help="local diffusers pipeline folder (text-to-video SD / zeroscope, or AnimateDiff); "
+        "default: a tiny random pipeline built from configs",
+    )
+    g.add_argument("--backbone", choices=BACKBONES, default=None, help="tiny default's backbone (default unet3d)")
+    g.add_argument("--motion_adapter_name_or_path", default=None, help="MotionAdapter folder for a 2D UNet pipeline")
+    g = p.add_argument_group("adapter")
+    g.add_argument("--method", choices=METHODS, default="tucker", help="tucker, or the peft LoRA baseline")
+    g.add_argument(
+        "--ranks",
+        nargs="+",
+        default=None,
+        metavar="R",
+        help="Tucker ranks r_o r_i r_t r_h r_w (default 4 4 1 1 1 on UNet3D, 4 4 0 1 1 on AnimateDiff)",
+    )
+    g.add_argument("--alpha", type=float, default=1.0, help="scale of the update, W + alpha * dW")
+    g.add_argument(
+        "--target_modules",
+        nargs="+",
+        default=None,
+        help="layer names / suffixes, or one regex (default: the backbone's tucker_lora.DEFAULT_TARGET_MODULES)",
+    )
+    g.add_argument("--init_weights", choices=sorted(INIT_CHOICES), default="true", help="Tucker-LoRA init")
+    g.add_argument("--core_init_scale", type=float, default=0.0, help="std of the initial core (0: zero core)")
+    g.add_argument("--lora_rank", type=int, default=None, help="LoRA baseline rank (default: matched to Tucker's size)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data_dir", default=None, help="MSR-VTT folder or a folder with captions.csv (default: synthetic)")
+    g.add_argument("--data_layout", choices=("auto", "folder", "msrvtt", "synthetic"), default="auto")
+    g.add_argument("--annotations", default=None, help="MSR-VTT annotation JSON (default: found in --data_dir)")
+    g.add_argument("--captions_csv", default=None, help="captions CSV of a video folder (default: captions.csv)")
+    g.add_argument("--split", default=None, help="MSR-VTT split to keep (train, validate, test)")
+    g.add_argument("--num_frames", type=int, default=8, help="frames per training clip")
+    g.add_argument("--frame_stride", type=int, default=1, help="take every n-th frame")
+    g.add_argument("--resolution", type=int, default=None, help="square frame size (default: the UNet's)")
+    g.add_argument("--num_synthetic_videos", type=int, default=64)
+    g.add_argument("--caption_dropout", type=float, default=0.0, help="probability of an empty caption")
+    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--output_dir", default="tucker-lora-t2v")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--train_batch_size", type=int, default=1, help="videos per process and micro-batch")
+    g.add_argument("--num_train_epochs", type=int, default=1)
+    g.add_argument("--max_train_steps", type=int, default=None, help="optimiser steps (overrides the epochs)")
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
+    g.add_argument("--gradient_checkpointing", action="store_true")
+    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--lr_scheduler", default="cosine", help="a diffusers.optimization.get_scheduler name")
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="default: 5%% of the steps")
+    g.add_argument("--adam_beta1", type=float, default=0.9)
+    g.add_argument("--adam_beta2", type=float, default=0.999)
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
+    g.add_argument("--adam_epsilon", type=float, default=1e-8)
+    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--ema_decay", type=float, default=0.999, help="EMA tau of the adapter parameters")
+    g.add_argument("--no_ema", action="store_true", help="keep no EMA")
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
+    g.add_argument("--allow_tf32", action="store_true")
+    g = p.add_argument_group("checkpoints and logs")
+    g.add_argument("--checkpointing_steps", type=int, default=500)
+    g.add_argument("--checkpoints_total_limit", type=int, default=None)
+    g.add_argument("--resume_from_checkpoint", default=None, help="'latest', or a checkpoint-<step> folder")
+    g.add_argument(
+        "--stop_after_steps",
+        type=int,
+        default=None,
+        help="checkpoint and stop at this step, keeping the LR schedule of --max_train_steps (preemptible jobs)",
+    )
+    g.add_argument("--report_to", default=None, help="an accelerate tracker (tensorboard, wandb, ...)")
+    g.add_argument("--logging_dir", default="logs")
+    g = p.add_argument_group("validation")
+    g.add_argument("--validation_steps", type=int, default=100, help="sample every n steps and at the end (0: never)")
+    g.add_argument("--validation_prompts", nargs="+", default=None, help="default: two captions of the data")
+    g.add_argument("--validation_seeds", nargs="+", type=int, default=[0])
+    g.add_argument("--num_validation_frames", type=int, default=None, help="default: --num_frames")
+    g.add_argument("--num_inference_steps", type=int, default=25)
+    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--video_format", choices=("mp4", "gif"), default="mp4")
+    g.add_argument("--fps", type=int, default=8)
+    return p
+
+
+def parse_ranks(values: Optional[Sequence[str]]) -> Optional[tuple[int, ...]]:
+    """``--ranks``: five integers (spaces or commas), in the paper's order."""
+    if values is None:
+        return None
+    items = [v for value in values for v in value.replace(",", " ").split()]
+    if len(items) != 5:
+        raise InputError(
+            f"--ranks takes 5 integers r_o r_i r_t r_h r_w (the paper's order), got {len(items)}: {' '.join(items)}"
+        )
+    try:
+        ranks = tuple(int(v) for v in items)
+    except ValueError:
+        raise InputError(f"--ranks takes integers, got {' '.join(items)}") from None
+    if min(ranks) < 0 or min(ranks[:2]) < 1:
+        raise InputError(f"--ranks: r_o and r_i must be >= 1 and the others >= 0, got {' '.join(items)}")
+    return ranks
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse and check the arguments; bad values are ``InputError`` naming the argument."""
+    args = build_parser().parse_args(argv)
+    args.ranks = parse_ranks(args.ranks)
+    args.target_modules = parse_target_modules(args.target_modules)
+    positive = ("train_batch_size", "gradient_accumulation_steps", "num_frames", "frame_stride", "checkpointing_steps")
+    for name in positive:
+        if getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for name in ("max_train_steps", "stop_after_steps", "resolution", "num_validation_frames", "lora_rank"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
+    if not 0.0 <= args.caption_dropout < 1.0:
+        raise InputError(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    if not 0.0 <= args.ema_decay < 1.0:
+        raise InputError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
+    if args.method == "tucker" and args.lora_rank is not None:
+        raise InputError("--lora_rank is for --method lora")
+    return args
+
+
+def check_inputs(args: argparse.Namespace) -> Optional[Path]:
+    """Fail fast on missing paths (before any model is loaded); returns the checkpoint to resume from."""
+    if args.pretrained_model_name_or_path is not None:
+        check_pipeline_folder(args.pretrained_model_name_or_path)
+    if args.data_dir is not None and not Path(args.data_dir).is_dir():
+        what = "does not exist" if not Path(args.data_dir).exists() else "is not a directory"
+        raise InputError(f"--data_dir '{args.data_dir}' {what}")
+    if args.resume_from_checkpoint:
+        return Checkpoints(args.output_dir).resolve(args.resume_from_checkpoint)
+    return None
+
+
+# ---------------------------------------------------------------------------------------------- one step
+def step_seeds(seed: int, step: int, micro: int, process: int) -> tuple[int, int]:
+    """Two seeds for one micro-batch, functions of (seed, optimiser step, micro-batch, process) only: one for
+    the batch's own draws (``step_generator``), one for torch's global RNG (the UNet's dropout)."""
+    state = np.random.SeedSequence([seed, step, micro, process]).generate_state(2, dtype=np.uint64)
+    return int(state[0]), int(state[1])
+
+
+def step_generator(seed: int, step: int, micro: int, process: int) -> torch.Generator:
+    """The CPU generator of one micro-batch's draws (VAE sample, caption dropout, noise, timesteps)."""
+    return torch.Generator("cpu").manual_seed(step_seeds(seed, step, micro, process)[0])
+
+
+def encode_videos(vae: Any, pixel_values: torch.Tensor, generator: torch.Generator, chunk: int = 16) -> torch.Tensor:
+    """(B, 3, T, H, W) pixels in [-1, 1] -> (B, C, T, h, w) latents (a sample of the VAE posterior, scaled)."""
+    b, _, t, h, w = pixel_values.shape
+    frames = pixel_values.permute(0, 2, 1, 3, 4).reshape(b * t, 3, h, w)
+    latents = torch.cat([vae.encode(c).latent_dist.sample(generator=generator) for c in frames.split(chunk)])
+    latents = latents * vae.config.scaling_factor
+    return latents.reshape(b, t, *latents.shape[1:]).permute(0, 2, 1, 3, 4)
+
+
+def diffusion_loss(
+    model: Any,
+    components: VideoComponents,
+    noise_scheduler: Any,
+    batch: dict[str, Any],
+    generator: torch.Generator,
+    caption_dropout: float = 0.0,
+    weight_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The denoising loss of section 3.4, ``||eps - eps_theta(x_t, t)||^2``, on one batch of videos.
+
+    The noisy latents are detached and re-attached with ``requires_grad_(True)`` before the UNet (the
+    paper's note: gradients flow through gradient-checkpointed blocks even though the base is frozen).
+    """
+    device = components.vae.device
+    pixels = batch["pixel_values"].to(device, weight_dtype)
+    with torch.no_grad():
+        latents = encode_videos(components.vae, pixels, generator)
+        drop = torch.rand(len(batch["caption"]), generator=generator) < caption_dropout
+        captions = ["" if d else c for c, d in zip(batch["caption"], drop.tolist(), strict=True)]
+        text = encode_prompts(components.tokenizer, components.text_encoder, captions)
+    noise = torch.randn(latents.shape, generator=generator).to(device, latents.dtype)
+    steps = noise_scheduler.config.num_train_timesteps
+    timesteps = torch.randint(0, steps, (latents.shape[0],), generator=generator).to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps).detach().requires_grad_(True)
+    if components.backbone == "animatediff":  # the motion UNet takes text per frame
+        text = text.repeat_interleave(latents.shape[2], dim=0)
+    pred = model(noisy, timesteps, encoder_hidden_states=text).sample
+    if noise_scheduler.config.prediction_type == "v_prediction":
+        target = noise_scheduler.get_velocity(latents, noise, timesteps)
+    else:
+        target = noise
+    return F.mse_loss(pred.float(), target.float())
+
+
+# ---------------------------------------------------------------------------------------------- the run
+@dataclass
+class TrainResult:
+    """What ``main`` returns: the trained peft model (unwrapped), where things went, the per-step losses."""
+
+    model: Any
+    global_step: int
+    output_dir: Path
+    components: Optional[VideoComponents] = None
+    adapter_dir: Optional[Path] = None
+    ema_adapter_dir: Optional[Path] = None
+    validation_dirs: list[Path] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)
+    paused: bool = False
+
+
+def _build_components(args: argparse.Namespace) -> VideoComponents:
+    from .pipeline import load_components, tiny_components
+
+    if args.pretrained_model_name_or_path is None:
+        return tiny_components(args.backbone or "unet3d", seed=args.seed)
+    components = load_components(args.pretrained_model_name_or_path, args.motion_adapter_name_or_path)
+    if args.backbone is not None and args.backbone != components.backbone:
+        raise InputError(
+            f"--backbone {args.backbone} but '{args.pretrained_model_name_or_path}' holds a {components.backbone} "
+            f"({type(components.unet).__name__})"
+        )
+    return components
+
+
+class _Validator:
+    """Samples the fixed prompts and seeds with the (EMA) adapter and writes videos and a frame grid."""
+
+    def __init__(self, args: argparse.Namespace, components: VideoComponents, prompts: list[str], resolution: int):
+        self.args, self.components, self.prompts, self.resolution = args, components, prompts, resolution
+        self.pipe = None
+
+    def __call__(self, accelerator: Any, model: Any, ema: Any, step: int) -> Path:
+        from .media import frame_grid, write_video
+        from .pipeline import generate
+
+        args = self.args
+        peft_model = accelerator.unwrap_model(model)
+        if self.pipe is None:
+            self.pipe = self.components.pipeline(unet=peft_model.get_base_model())
+        out = Path(args.output_dir) / "validation" / f"step-{step:06d}"
+        peft_model.eval()
+        swap = ema.swapped_in() if ema is not None else contextlib.nullcontext()
+        try:
+            with swap, accelerator.autocast():
+                videos = generate(
+                    self.pipe,
+                    self.prompts,
+                    args.validation_seeds,
+                    args.num_validation_frames or args.num_frames,
+                    args.num_inference_steps,
+                    args.guidance_scale,
+                    self.resolution,
+                    self.resolution,
+                )
+        finally:
+            peft_model.train()
+        labels = []
+        for i, (prompt, seed, frames) in enumerate(videos):
+            write_video(frames, out / f"{i:02d}_seed{seed}.{args.video_format}", fps=args.fps)
+            labels.append(f"{prompt} (seed {seed})")
+        (out / "prompts.json").write_text(json.dumps([{"prompt": p, "seed": s} for p, s, _ in videos], indent=1))
+        frame_grid([v for _, _, v in videos], out / "grid.png", labels=labels)
+        logger.info("validation samples of step %d in %s", step, out)
+        return out
+
+
+def _print_summary(summary: dict[str, Any], output_dir: Path) -> None:
+    """Where the outputs are, and how the loss moved (mean of the first and last tenth of the steps)."""
+    lines = [f"trained {summary['steps']} steps ({summary['method']}, {summary['trainable_parameters']} parameters)"]
+    if "loss_first_tenth" in summary:
+        lines[0] += f"; loss {summary['loss_first_tenth']:.4f} -> {summary['loss_last_tenth']:.4f}"
+    lines.append(f"  adapter:        {summary['adapter']}")
+    if summary["adapter_ema"]:
+        lines.append(f"  EMA adapter:    {summary['adapter_ema']}")
+    lines.append(f"  step log:       {summary['train_log']}")
+    if summary["validation"]:
+        lines.append(f"  validation:     {Path(summary['validation'][-1]) / 'grid.png'}")
+    lines.append(f"  data examples:  {output_dir / 'data_examples.png'}")
+    print("\n".join(lines), flush=True)
+
+
+def _write_data_examples(dataset: Any, path: Path, count: int = 3) -> None:
+    """A frame grid of the first training clips as the UNet will see them (after resize, crop and stride)."""
+    from .media import frame_grid
+
+    items = [dataset[i] for i in range(min(count, len(dataset)))]
+    videos = [((item["pixel_values"].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1) for item in items]
+    frame_grid(videos, path, labels=[item["caption"] for item in items])
+
+
+def _multi_process_cpu() -> bool:
+    """A multi-process launch (``accelerate launch --multi_gpu`` / ``torchrun``) on a machine without CUDA or XPU.
+
+    accelerate runs several CPU processes as DDP over gloo only when told the run is on the CPU; without
+    this each process would train alone. Single-process runs keep accelerate's own device choice.
+    """
+    xpu = getattr(torch, "xpu", None)
+    accelerators = torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not accelerators
+
+
+def _register_adapter_checkpointing(accelerator: Any) -> None:
+    """Checkpoints hold the adapter weights only (peft ``save_pretrained`` format), not the frozen base model."""
+    from peft.utils import load_peft_weights, set_peft_model_state_dict
+
+    def save_hook(models: list, weights: list, output_dir: str) -> None:
+        if accelerator.is_main_process:
+            for model in models:
+                accelerator.unwrap_model(model).save_pretrained(output_dir, save_embedding_layers=False)
+        weights.clear()
+
+    def load_hook(models: list, input_dir: str) -> None:
+        while models:
+            model = accelerator.unwrap_model(models.pop())
+            result = set_peft_model_state_dict(model, load_peft_weights(input_dir))
+            missing = [k for k in result.missing_keys if model.prefix in k] if hasattr(model, "prefix") else []
+            if result.unexpected_keys or missing:
+                raise InputError(
+                    f"checkpoint '{input_dir}' does not fit the model: unexpected {result.unexpected_keys[:5]}, "
+                    f"missing {missing[:5]}"
+                )
+
+    accelerator.register_save_state_pre_hook(save_hook)
+    accelerator.register_load_state_pre_hook(load_hook)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
+    """Run a training job from command-line arguments; see the module docstring."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+    from peft import get_peft_model
+    from tqdm.auto import tqdm
+
+    from ..io import save_adapter
+    from .adapters import accept_input_keyword, plan_adapter
+    from .ema import AdapterEMA
+    from .metrics import StepLog, peak_memory_mb, read_log
+
+    args = parse_args(argv)
+    resume = check_inputs(args)
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=_multi_process_cpu(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=args.report_to,
+        project_config=ProjectConfiguration(
+            project_dir=str(output_dir), logging_dir=str(output_dir / args.logging_dir)
+        ),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+    )
+    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
+    if not accelerator.is_main_process:
+        logger.setLevel(logging.WARNING)
+    if args.allow_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    set_seed(args.seed)
+    checkpoints = Checkpoints(output_dir, args.checkpoints_total_limit)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        checkpoints.clean()
+    accelerator.wait_for_everyone()
+
+    # ---- model: frozen pipeline components, adapter on the UNet
+    components = _build_components(args)
+    base_dir = args.pretrained_model_name_or_path
+    if base_dir is None:
+        base_dir = str(output_dir / "base_model")
+        if accelerator.is_main_process:
+            components.save(base_dir)
+            logger.info(
+                "tiny %s pipeline (random weights, built from configs) saved to %s", components.backbone, base_dir
+            )
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
+    for module in (components.vae, components.text_encoder, components.unet):
+        module.requires_grad_(False)
+        # (diffusers warns about any dtype cast, even to float32: cast only when mixed precision asks)
+        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
+    if args.gradient_checkpointing:
+        enable_gradient_checkpointing(components.unet)
+    ranks = args.ranks or DEFAULT_RANKS[components.backbone]
+    plan = plan_adapter(
+        args.method,
+        components.unet,
+        ranks,
+        alpha=args.alpha,
+        target_modules=args.target_modules,
+        init_weights=INIT_CHOICES[args.init_weights],
+        core_init_scale=args.core_init_scale,
+        lora_rank=args.lora_rank,
+    )
+    model = get_peft_model(components.unet, plan.config)
+    model.peft_config["default"].base_model_name_or_path = str(base_dir)
+    if args.method == "lora":
+        accept_input_keyword(model)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    n_trainable = sum(p.numel() for p in trainable)
+    logger.info(
+        "%s on %d layers of a %s: %d trainable parameters (Tucker-LoRA at ranks %s: %d)%s",
+        "Tucker-LoRA" if plan.method == "tucker" else f"peft LoRA r={plan.lora_rank}",
+        len(plan.layers),
+        type(components.unet).__name__,
+        n_trainable,
+        tuple(ranks),
+        plan.tucker_num_params,
+        "" if plan.method == "tucker" else " (matched LoRA baseline)",
+    )
+
+    # ---- data
+    dataset = load_dataset(
+        args.data_dir,
+        layout=args.data_layout,
+        annotations=args.annotations,
+        captions_csv=args.captions_csv,
+        split=args.split,
+        num_frames=args.num_frames,
+        frame_stride=args.frame_stride,
+        resolution=args.resolution or components.resolution,
+        seed=args.seed,
+        num_synthetic_videos=args.num_synthetic_videos,
+    )
+    if accelerator.is_main_process:
+        _write_data_examples(dataset, output_dir / "data_examples.png")
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=args.train_batch_size,
+        shuffle=True,
+        generator=torch.Generator().manual_seed(args.seed),
+        num_workers=args.dataloader_num_workers,
+    )
+
+    # ---- optimisation
+    optimizer = torch.optim.AdamW(
+        trainable,
+        lr=args.learning_rate,
+        betas=(args.adam_beta1, args.adam_beta2),
+        weight_decay=args.adam_weight_decay,
+        eps=args.adam_epsilon,
+    )
+    model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    num_epochs = math.ceil(max_steps / steps_per_epoch)
+    warmup = args.lr_warmup_steps if args.lr_warmup_steps is not None else round(0.05 * max_steps)
+    lr_scheduler = get_scheduler(
+        args.lr_scheduler,
+        optimizer=optimizer,
+        num_warmup_steps=warmup * accelerator.num_processes,
+        num_training_steps=max_steps * accelerator.num_processes,
+    )
+    lr_scheduler = accelerator.prepare(lr_scheduler)
+    ema = None if args.no_ema else AdapterEMA(trainable, decay=args.ema_decay)
+    if ema is not None:
+        accelerator.register_for_checkpointing(ema)
+    _register_adapter_checkpointing(accelerator)
+    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+
+    global_step = 0
+    if resume is not None:
+        accelerator.load_state(str(resume))
+        global_step = Checkpoints.step_of(resume)
+        logger.info("resumed from %s (step %d)", resume, global_step)
+    elif args.resume_from_checkpoint:
+        logger.info("no checkpoint in %s yet: starting a new run", output_dir)
+    step_log = StepLog(output_dir / "train_log.jsonl")
+    if accelerator.is_main_process:
+        step_log.truncate_after(global_step)  # a fresh run starts a new log; a resumed one drops the redone steps
+        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+    if accelerator.is_main_process and args.report_to:
+        accelerator.init_trackers("tucker-lora-text-to-video", config={k: str(v) for k, v in vars(args).items()})
+
+    prompts = args.validation_prompts or example_captions(dataset, 2)
+    validate = _Validator(args, components, prompts, args.resolution or components.resolution)
+    result = TrainResult(model=None, global_step=global_step, output_dir=output_dir, components=components)
+    stop_at = min(max_steps, args.stop_after_steps or max_steps)
+    logger.info(
+        "%d videos, %d processes x batch %d x accumulation %d; %d steps (%d per epoch), warm-up %d; stop at %d",
+        len(dataset),
+        accelerator.num_processes,
+        args.train_batch_size,
+        args.gradient_accumulation_steps,
+        max_steps,
+        steps_per_epoch,
+        warmup,
+        stop_at,
+    )
+
+    # ---- loop
+    progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
+    t_run = t_step = time.perf_counter()
+    model.train()
+    micro, micro_losses, micro_videos = 0, [], 0
+    first_epoch = global_step // steps_per_epoch
+    for epoch in range(first_epoch, num_epochs):
+        if global_step >= stop_at:
+            break
+        dataset.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in batches:
+            if micro == 0:
+                step_lr = lr_scheduler.get_last_lr()[0]  # the learning rate this optimiser step uses
+            with accelerator.accumulate(model):
+                own, dropout = step_seeds(args.seed, global_step, micro, accelerator.process_index)
+                torch.manual_seed(dropout)  # the UNet's dropout (UNet3D's temporal convs) depends on the step alone
+                generator = torch.Generator("cpu").manual_seed(own)
+                loss = diffusion_loss(
+                    model, components, noise_scheduler, batch, generator, args.caption_dropout, weight_dtype
+                )
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and args.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
+                optimizer.step()
+                lr_scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            micro_losses.append(loss.detach().float())
+            micro_videos += len(batch["caption"])
+            if not accelerator.sync_gradients:
+                continue
+            global_step += 1
+            if ema is not None:
+                ema.step()
+            step_loss = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
+            videos = micro_videos * accelerator.num_processes
+            micro, micro_losses, micro_videos = 0, [], 0
+            now = time.perf_counter()
+            record = {
+                "step": global_step,
+                "epoch": epoch,
+                "loss": step_loss,
+                "lr": step_lr,
+                "videos_per_s": videos / (now - t_step),
+                "peak_memory_mb": peak_memory_mb(accelerator.device),
+                "time": now - t_run,
+            }
+            result.losses.append(step_loss)
+            if accelerator.is_main_process:
+                step_log.write(record)
+            if args.report_to:
+                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=global_step)
+            progress.update(1)
+            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
+            if global_step % args.checkpointing_steps == 0 or (global_step == stop_at < max_steps):
+                path = checkpoints.save(accelerator, global_step)
+                logger.info("checkpoint saved to %s", path)
+            at_end = global_step == max_steps
+            if args.validation_steps and (global_step % args.validation_steps == 0 or at_end):
+                if accelerator.is_main_process:
+                    result.validation_dirs.append(validate(accelerator, model, ema, global_step))
+                accelerator.wait_for_everyone()
+            t_step = time.perf_counter()  # checkpoint and validation time is not training throughput
+            if global_step >= stop_at:
+                break
+    progress.close()
+
+    # ---- save
+    accelerator.wait_for_everyone()
+    peft_model = accelerator.unwrap_model(model)
+    result.model, result.global_step = peft_model, global_step
+    result.paused = global_step < max_steps
+    if accelerator.is_main_process and not result.paused:
+        result.adapter_dir = output_dir / "adapter"
+        save_adapter(peft_model, result.adapter_dir, save_embedding_layers=False)
+        if ema is not None:
+            result.ema_adapter_dir = output_dir / "adapter_ema"
+            with ema.swapped_in():
+                save_adapter(peft_model, result.ema_adapter_dir, save_embedding_layers=False)
+        summary = {
+            "method": plan.method,
+            "backbone": components.backbone,
+            "base_model": str(base_dir),
+            "trainable_parameters": n_trainable,
+            "tucker_parameters_at_these_ranks": plan.tucker_num_params,
+            "lora_rank": plan.lora_rank,
+            "ranks": list(ranks),
+            "adapted_layers": len(plan.layers),
+            "steps": global_step,
+            "adapter": str(result.adapter_dir),
+            "adapter_ema": str(result.ema_adapter_dir) if result.ema_adapter_dir else None,
+            "train_log": str(step_log.path),
+            "validation": [str(p) for p in result.validation_dirs],
+        }
+        losses = [r["loss"] for r in read_log(step_log.path)]  # the whole run, resumed parts included
+        if losses:
+            tenth = max(1, len(losses) // 10)
+            summary["loss_first_tenth"] = sum(losses[:tenth]) / tenth
+            summary["loss_last_tenth"] = sum(losses[-tenth:]) / tenth
+        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        _print_summary(summary, output_dir)
+    elif result.paused:
+        logger.info("stopped at step %d of %d: resume with --resume_from_checkpoint latest", global_step, max_steps)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return result
+
+
+def cli(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of the example script: bad input prints ``error: ...`` and exits with status 2."""
+    return run_cli(main, argv)
