@@ -278,7 +278,14 @@ def merged_conv(
     unbatched = x.ndim == core.ndim - 1
     if unbatched:
         x = x.unsqueeze(0)
-    y = MergedConv.apply(geometry.prepare(x), base.weight, base.bias, geometry, alpha, core, *factors)
+    x = geometry.prepare(x)
+    needs_graph = x.requires_grad or base.weight.requires_grad or core.requires_grad
+    if torch.is_grad_enabled() and (needs_graph or any(U.requires_grad for U in factors)):
+        y = MergedConv.apply(x, base.weight, base.bias, geometry, alpha, core, *factors)
+    else:  # inference: the same numbers without the autograd Function
+        y = geometry.conv(
+            x, merged_weight(base.weight, small_kernel(core, factors), factors[0], factors[1], alpha), base.bias
+        )
     return y.squeeze(0) if unbatched else y
 
 
