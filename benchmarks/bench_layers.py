@@ -34,6 +34,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from tucker_lora import TuckerLoraConfig
+from tucker_lora.testing import saved_activation_bytes
 
 
 @dataclass(frozen=True)
@@ -119,23 +120,6 @@ def train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
     y.backward(dy)
 
 
-def saved_bytes(module: nn.Module, x: torch.Tensor) -> int:
-    """Bytes autograd keeps for the backward of one forward (parameters excluded)."""
-    total, seen = 0, set()
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.numel())
-        if not isinstance(t, nn.Parameter) and key not in seen:  # count each saved buffer once
-            seen.add(key)
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        call(module, x)
-    return total
-
-
 def _proc_status_kb(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
@@ -213,7 +197,7 @@ def bench_shape(shape: Shape, ranks: tuple[int, ...], device: str, repeats: int,
                 "train_ms": 1e3 * statistics.median(train[name]),
                 "train_ratio": statistics.median(train[name]) / floor_t,
                 "infer_ratio": statistics.median(infer[name]) / floor_i,
-                "saved_vs_x": saved_bytes(module, x) / (x.numel() * x.element_size()),
+                "saved_vs_x": saved_activation_bytes(lambda m=module: call(m, x)) / (x.numel() * x.element_size()),
                 "peak_mb": peak[name],
             }
         )

@@ -15,6 +15,7 @@ from torch.utils.checkpoint import checkpoint
 
 from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
 from tucker_lora.functional import ConvGeometry, MergedConv
+from tucker_lora.testing import saved_activation_bytes
 
 MODES = ["factored", "merged", "auto"]
 
@@ -157,35 +158,18 @@ def test_frozen_modes_take_no_gradient_and_do_not_move(mode):
     assert all(not p.requires_grad for p in frozen.values())
 
 
-def _saved_bytes(fn) -> int:
-    """Bytes of tensors autograd saves during ``fn()`` (``saved_tensors_hooks``), parameters excluded."""
-    total, seen = 0, set()
-
-    def pack(t):
-        nonlocal total
-        key = (t.untyped_storage().data_ptr(), t.numel())
-        if not isinstance(t, nn.Parameter) and key not in seen:  # count each saved buffer once
-            seen.add(key)
-            total += t.numel() * t.element_size()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return total
-
-
 def test_merged_path_with_frozen_u_i_saves_only_the_projection():
     torch.manual_seed(0)
     base = nn.Conv3d(32, 32, 3, padding=1)
     x = torch.randn(1, 32, 4, 8, 8)
-    frozen_base = _saved_bytes(lambda: base(x.requires_grad_()))
+    frozen_base = saved_activation_bytes(lambda: base(x.requires_grad_()))
     unfrozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), "merged")
     frozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), "merged", freeze_modes=("i",))
     x_bytes = x.numel() * x.element_size()
     assert frozen_base >= x_bytes  # torch's conv keeps x even with a frozen weight
     kernel_bytes = 4 * 4 * 27 * 4  # the small kernel K (r_o, r_i, 3, 3, 3), kept for the backward
-    assert _saved_bytes(lambda: unfrozen(x)) <= x_bytes + kernel_bytes
-    saved = _saved_bytes(lambda: frozen(x))
+    assert saved_activation_bytes(lambda: unfrozen(x)) <= x_bytes + kernel_bytes
+    saved = saved_activation_bytes(lambda: frozen(x))
     assert saved <= x_bytes * 4 / 32 + kernel_bytes, saved / x_bytes  # only P = U_i^T x: r_i / I of x
 
 

@@ -25,6 +25,7 @@ from torch import nn
 from .targets import default_target_names
 
 __all__ = [
+    "saved_activation_bytes",
     "TinyConv3dNet",
     "BUILDERS",
     "default_target_modules",
@@ -288,3 +289,24 @@ def model_output(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Ten
     if isinstance(out, (tuple, list)):
         return out[0]
     return out
+
+
+def saved_activation_bytes(fn: Callable[[], Any]) -> int:
+    """Bytes autograd keeps for the backward while ``fn()`` runs (``saved_tensors_hooks``).
+
+    Parameters are excluded and each saved buffer counts once (the same storage saved by two ops is
+    one allocation). Deterministic, unlike peak-memory readings.
+    """
+    total, seen = 0, set()
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        nonlocal total
+        key = (t.untyped_storage().data_ptr(), t.numel())
+        if not isinstance(t, nn.Parameter) and key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return total
