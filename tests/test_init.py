@@ -523,3 +523,22 @@ def test_full_size_kernel_hosvd_is_fast():
         hosvd(X, (4, 4, 1, 1, 1))
         times.append(time.perf_counter() - start)
     assert min(times) < 1.5
+
+
+def test_config_init_runs_once_over_the_model_with_a_summary_per_layer_type(tmp_path, caplog):
+    import logging
+
+    from peft import PeftModel
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Conv3d(6, 8, 3, padding=1), nn.Conv2d(8, 8, 3), nn.Linear(8, 8))
+    cfg = TuckerLoraConfig(target_modules=["0", "1", "2"], init_weights="hosvd")
+    with caplog.at_level(logging.INFO, logger="tucker_lora"):
+        model = get_peft_model(copy.deepcopy(base), cfg)
+    summaries = [r.getMessage() for r in caplog.records if "init from the base weights" in r.getMessage()]
+    assert sorted(m.split(": ")[1].split(" layers")[0] for m in summaries) == ["1 Conv2d", "1 Conv3d", "1 Linear"]
+    model.save_pretrained(tmp_path)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="tucker_lora"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)  # the checkpoint overwrites it: no decomposition
+    assert not [r for r in caplog.records if "init from" in r.getMessage()]

@@ -18,6 +18,9 @@ from .registry import PREFIX
 from .targets import DEFAULT_TARGET_MODULES, default_target_names
 from .tucker import MODES, block_diagonal_core, orthonormalise
 
+#: ``init_weights`` values that decompose the base weights.
+DECOMPOSITIONS = ("hosvd", "hooi")
+
 
 class TuckerLoraModel(BaseTuner):
     """Adds five-mode Tucker-LoRA adapters to the Linear / Conv1d / Conv2d / Conv3d layers of a model.
@@ -63,8 +66,8 @@ class TuckerLoraModel(BaseTuner):
             ranks=ranks,
             alpha=alpha,
             dropout=peft_config.dropout,
-            # a loaded adapter's weights are overwritten by the checkpoint: skip HOSVD / HOOI there
-            init_weights=True if peft_config.inference_mode and peft_config.init_weights else peft_config.init_weights,
+            # HOSVD / HOOI run once for the whole model in inject_adapter (a progress bar over layers)
+            init_weights=True if peft_config.init_weights in DECOMPOSITIONS else peft_config.init_weights,
             core_init_scale=peft_config.core_init_scale,
             forward_mode=peft_config.forward_mode,
             freeze_modes=peft_config.freeze_modes,
@@ -83,6 +86,20 @@ class TuckerLoraModel(BaseTuner):
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)
         self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        """peft's injection, then HOSVD / HOOI of every adapted base weight when the config asks for it.
+
+        Skipped for adapters about to be overwritten by a checkpoint (inference mode, the default of
+        ``PeftModel.from_pretrained``, or ``low_cpu_mem_usage``).
+        """
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        config = self.peft_config[adapter_name]
+        low_cpu_mem_usage = kwargs.get("low_cpu_mem_usage", args[1] if len(args) > 1 else False)
+        if config.init_weights in DECOMPOSITIONS and not config.inference_mode and not low_cpu_mem_usage:
+            from .init import init_from_weights
+
+            init_from_weights(model, config.init_weights, adapter_name)
 
     # ------------------------------------------------------------------ loading
     @classmethod
