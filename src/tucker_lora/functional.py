@@ -83,11 +83,6 @@ def _kernel_times_U_i(K: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
     return KI.reshape(r_o, -1)
 
 
-def expand_channels(K: torch.Tensor, U_o: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
-    """``dW = K x_1 U_o x_2 U_i``: (r_o, r_i, k...) -> (O, I, k...)."""
-    return torch.mm(U_o, _kernel_times_U_i(K, U_i)).view(U_o.shape[0], U_i.shape[0], *K.shape[2:])
-
-
 def merged_weight(
     weight: torch.Tensor, K: torch.Tensor, U_o: torch.Tensor, U_i: torch.Tensor, alpha: float
 ) -> torch.Tensor:

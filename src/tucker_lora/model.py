@@ -56,12 +56,8 @@ class TuckerLoraModel(BaseTuner):
         current_key: str,
         parameter_name: Optional[str] = None,
     ) -> None:
-        ranks = peft_config.rank_pattern.get(
-            get_pattern_key(peft_config.rank_pattern.keys(), current_key), peft_config.ranks
-        )
-        alpha = peft_config.alpha_pattern.get(
-            get_pattern_key(peft_config.alpha_pattern.keys(), current_key), peft_config.alpha
-        )
+        ranks = _pattern_value(peft_config.rank_pattern, current_key, peft_config.ranks)
+        alpha = _pattern_value(peft_config.alpha_pattern, current_key, peft_config.alpha)
         kwargs = dict(
             ranks=ranks,
             alpha=alpha,

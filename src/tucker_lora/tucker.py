@@ -41,10 +41,10 @@ def mode_product(T: torch.Tensor, U: torch.Tensor, n: int) -> torch.Tensor:
     return torch.movedim(out, -1, n)
 
 
-def multi_mode_product(T: torch.Tensor, factors: Sequence[torch.Tensor], transpose: bool = False) -> torch.Tensor:
-    """``T x_1 U_1 x_2 U_2 ... x_N U_N`` (or with each ``U_n^T`` when ``transpose``)."""
+def multi_mode_product(T: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``T x_1 U_1 x_2 U_2 ... x_N U_N``."""
     for n, U in enumerate(factors):
-        T = mode_product(T, U.T if transpose else U, n)
+        T = mode_product(T, U, n)
     return T
 
 
