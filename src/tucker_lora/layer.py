@@ -126,7 +126,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
                     self.layer_name,
                     ", ".join(mr.clipped),
                 )
-        if dropout > 0 and not is_plain(self.get_base_layer()):
+        if dropout > 0 and not self._plain:
             warnings.warn(
                 f"layer '{self.layer_name}' ({type(self.get_base_layer()).__name__}) overrides forward: its adapter "
                 "runs merged into the weight, so dropout on the adapter input is not applied there",
