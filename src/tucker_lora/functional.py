@@ -188,21 +188,31 @@ def autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
+def _merged_output(
+    x, weight, bias, geometry: ConvGeometry, alpha: float, core, factors
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(conv(x, W + alpha * dW, b), K)``, computed without autograd (the same kernels in training and inference)."""
+    with torch.no_grad():
+        K = small_kernel(core, factors)
+        return geometry.conv(x, merged_weight(weight, K, factors[0], factors[1], alpha), bias), K
+
+
+_CORE_ARG = 5  # position of the core in MergedConv.apply's arguments; the factors follow it
+
+
 class MergedConv(torch.autograd.Function):
     """``conv(x, W + alpha * K x_1 U_o x_2 U_i, b)`` with a backward that never forms the O x I x k gradient.
 
     Inputs: x (already padded by the geometry), the base weight and bias, the geometry, alpha, the
-    core and every factor (kernel factors before channel ones do not matter: ``factors`` is in mode order).
+    core, then every factor in mode order (U_o, U_i, kernel modes).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias, geometry: ConvGeometry, alpha: float, core, *factors):  # type: ignore[override]
-        U_o, U_i = factors[0], factors[1]
-        with torch.no_grad():  # the same kernels whether or not any input requires grad
-            K = small_kernel(core, factors)
-            y = geometry.conv(x, merged_weight(weight, K, U_o, U_i, alpha), bias)
-        train_factors = [ctx.needs_input_grad[6 + n] for n in range(len(factors))]
-        adapter_grad = ctx.needs_input_grad[5] or any(train_factors)
+        U_i = factors[1]
+        y, K = _merged_output(x, weight, bias, geometry, alpha, core, factors)
+        train_factors = ctx.needs_input_grad[_CORE_ARG + 1 :]
+        adapter_grad = ctx.needs_input_grad[_CORE_ARG] or any(train_factors)
         keep_x = train_factors[1] or ctx.needs_input_grad[1]
         P = channel_mix(x, U_i.T.to(x.dtype)) if adapter_grad and not keep_x else None
         ctx.geometry, ctx.alpha, ctx.n_factors = geometry, alpha, len(factors)
@@ -217,7 +227,7 @@ class MergedConv(torch.autograd.Function):
         U_o, U_i = factors[0], factors[1]
         need = ctx.needs_input_grad
         enabled, dtype = ctx.autocast
-        grads: list[torch.Tensor | None] = [None] * (6 + ctx.n_factors)
+        grads: list[torch.Tensor | None] = [None] * (_CORE_ARG + 1 + ctx.n_factors)
         with torch.autocast(dy.device.type, dtype=dtype, enabled=enabled):
             if need[0]:
                 merged = merged_weight(weight, K, U_o, U_i, alpha)
@@ -226,8 +236,8 @@ class MergedConv(torch.autograd.Function):
                 grads[1] = g.weight_grad(x.to(dy.dtype), weight.shape, dy).to(weight.dtype)
             if need[2]:
                 grads[2] = dy.sum(dim=[d for d in range(dy.ndim) if d != 1])
-            if need[5] or any(need[6:]):
-                grads[5:] = _merged_adapter_grads(x, P, K, dy, g, alpha, core, factors, need[5:])
+            if any(need[_CORE_ARG:]):
+                grads[_CORE_ARG:] = _merged_adapter_grads(x, P, K, dy, g, alpha, core, factors, need[_CORE_ARG:])
         return tuple(grads)
 
 
@@ -278,9 +288,7 @@ def merged_conv(
     if torch.is_grad_enabled() and (needs_graph or any(U.requires_grad for U in factors)):
         y = MergedConv.apply(x, base.weight, base.bias, geometry, alpha, core, *factors)
     else:  # inference: the same numbers without the autograd Function
-        y = geometry.conv(
-            x, merged_weight(base.weight, small_kernel(core, factors), factors[0], factors[1], alpha), base.bias
-        )
+        y, _ = _merged_output(x, base.weight, base.bias, geometry, alpha, core, factors)
     return y.squeeze(0) if unbatched else y
 
 
