@@ -5,10 +5,11 @@ column alike), it times a training step (forward + backward with the input gradi
 layer inside a network; the adapter also gets its parameter gradients) and an inference forward,
 counts the bytes autograd saves for the backward (``saved_tensors_hooks``; deterministic), and measures
 the peak memory of a training step through four copies of the layer in a row (so each layer's input is
-kept alive only by what autograd saves).
-Times are medians, reported as ratios to the frozen base layer. Baselines get the trainable
-parameter count nearest to Tucker's: peft LoRA rank ``round(P / (I*k + O))`` (at least 1) and
-LyCORIS LoCon-Tucker rank solving ``r*I + r*r*k + r*O = P``.
+kept alive only by what autograd saves; on CPU in a child process, see ``peaks_in_child``).
+Times are medians, reported as ratios to the frozen base layer; on CUDA each step is synchronised, and a
+"pipelined" column also times steps queued back to back (as inside a network, where the host runs ahead).
+Baselines get the trainable parameter count nearest to Tucker's: peft LoRA rank ``round(P / (I*k + O))``
+(at least 1) and LyCORIS LoCon-Tucker rank solving ``r*I + r*r*k + r*O = P``.
 
     python benchmarks/bench_layers.py                # CPU sizes (scaled down, see SHAPES)
     python benchmarks/bench_layers.py --full-size    # the issue's sizes (GPU)
@@ -18,12 +19,15 @@ LyCORIS LoCon-Tucker rank solving ``r*I + r*r*k + r*O = P``.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
+import functools
 import gc
 import json
 import math
 import os
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -159,9 +163,28 @@ def peak_step_mb(module: nn.Module, x: torch.Tensor, device: str) -> float:
     return (_proc_status_kb("VmHWM") - before) / 1024
 
 
-def bench_shape(shape: Shape, ranks: tuple[int, ...], device: str, repeats: int, warmup: int) -> dict:
+def bench_shape(
+    shape: Shape,
+    ranks: tuple[int, ...],
+    device: str,
+    repeats: int,
+    warmup: int,
+    autocast: str = "none",
+    peaks_only: bool = False,
+    peaks_elsewhere: Callable[[], dict[str, float]] | None = None,
+) -> dict:
+    """Times, saved bytes and peaks of every column on one shape (``peaks_only``: just ``{column: peak MB}``).
+    ``peaks_elsewhere`` gives the peaks from another process (CPU: measured under a malloc setting that
+    would distort the timings)."""
     columns = build_columns(shape, ranks, device)
+    amp = (
+        torch.autocast(device.split(":")[0], dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[autocast]))
+        if autocast != "none"
+        else contextlib.nullcontext()
+    )
     x = torch.randn(shape.input, device=device, requires_grad=True)
+    if peaks_only:
+        return {name: column_peak(name, module, x, device, amp) for name, module in columns.items()}
     with torch.no_grad():
         dy = torch.randn_like(call(columns["frozen base"], x))
     train: dict[str, list[float]] = {name: [] for name in columns}
@@ -170,10 +193,11 @@ def bench_shape(shape: Shape, ranks: tuple[int, ...], device: str, repeats: int,
         for name, module in columns.items():  # round-robin: drift hits every column alike
             sync(device)
             t0 = time.perf_counter()
-            train_step(module, x, dy)
+            with amp:
+                train_step(module, x, dy)
             sync(device)
             t1 = time.perf_counter()
-            with torch.no_grad():
+            with torch.no_grad(), amp:
                 call(module, x)
             sync(device)
             t2 = time.perf_counter()
@@ -182,11 +206,19 @@ def bench_shape(shape: Shape, ranks: tuple[int, ...], device: str, repeats: int,
             if i >= warmup:
                 train[name].append(t1 - t0)
                 infer[name].append(t2 - t1)
-    peak = {}
-    for name, module in columns.items():
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        peak[name] = peak_step_mb(module, x, device)
+    pipelined = {}
+    if device.startswith("cuda"):  # steps queued back to back, one sync: the GPU's own time where it is the bottleneck
+        for name, module in columns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            with amp:
+                for _ in range(repeats):
+                    train_step(module, x, dy)
+                    module.zero_grad(set_to_none=True)
+                    x.grad = None
+            sync(device)
+            pipelined[name] = (time.perf_counter() - t0) / repeats
+    peak = peaks_elsewhere() if peaks_elsewhere else {n: column_peak(n, m, x, device, amp) for n, m in columns.items()}
     floor_t, floor_i = statistics.median(train["frozen base"]), statistics.median(infer["frozen base"])
     rows = []
     for name, module in columns.items():
@@ -196,32 +228,58 @@ def bench_shape(shape: Shape, ranks: tuple[int, ...], device: str, repeats: int,
                 "params": n_trainable(module),
                 "train_ms": 1e3 * statistics.median(train[name]),
                 "train_ratio": statistics.median(train[name]) / floor_t,
+                "train_pipelined_ratio": pipelined[name] / pipelined["frozen base"] if pipelined else None,
                 "infer_ratio": statistics.median(infer[name]) / floor_i,
                 "saved_vs_x": saved_activation_bytes(lambda m=module: call(m, x)) / (x.numel() * x.element_size()),
                 "peak_mb": peak[name],
             }
         )
-    return {"shape": shape.name, "rows": rows}
+    return {"shape": shape.name + ("" if autocast == "none" else f", autocast {autocast}"), "rows": rows}
+
+
+def column_peak(name: str, module: nn.Module, x: torch.Tensor, device: str, amp) -> float:
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    with amp:
+        return peak_step_mb(module, x, device)
 
 
 def markdown(result: dict) -> str:
+    pipelined = result["rows"][0]["train_pipelined_ratio"] is not None
     lines = [
         f"**{result['shape']}**",
         "",
-        "| method | params | step (ms) | train / frozen | inference / frozen | saved (x=1) | peak, 4 in a row (MB) |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        "| method | params | step (ms) | train / frozen |"
+        + (" train, pipelined |" if pipelined else "")
+        + " inference / frozen | saved (x=1) | peak, 4 in a row (MB) |",
+        "|---|---:|---:|---:|" + ("---:|" if pipelined else "") + "---:|---:|---:|",
     ]
     for r in result["rows"]:
         lines.append(
             f"| {r['method']} | {r['params']:,} | {r['train_ms']:.1f} | {r['train_ratio']:.2f}x | "
-            f"{r['infer_ratio']:.2f}x | {r['saved_vs_x']:.2f} | {r['peak_mb']:.1f} |"
+            + (f"{r['train_pipelined_ratio']:.2f}x | " if pipelined else "")
+            + f"{r['infer_ratio']:.2f}x | {r['saved_vs_x']:.2f} | {r['peak_mb']:.1f} |"
         )
     return "\n".join(lines)
 
 
+def peaks_in_child(args: argparse.Namespace, index: int) -> Callable[[], dict[str, float]]:
+    """The CPU peaks of shape ``index``, measured in a child process with large tensors mmapped and returned on
+    free (``MALLOC_MMAP_THRESHOLD_``), so the rise of the peak RSS is honest; the timings stay in a process with
+    the default allocator, as users run."""
+
+    def run() -> dict[str, float]:
+        cmd = [sys.executable, __file__, "--peaks-only", "--only", str(index), "--device", args.device]
+        cmd += ["--ranks", *map(str, args.ranks), "--autocast", args.autocast]
+        cmd += ["--full-size"] * args.full_size
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
+        out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
+        return json.loads(out.strip().splitlines()[-1])
+
+    return run
+
+
 def main() -> None:
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:  # large tensors mmapped and returned on free: honest RSS peaks
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"})
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--full-size", action="store_true", help="the issue's layer sizes instead of the CPU ones")
@@ -230,14 +288,29 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--only", type=int, nargs="*", help="indices of the shapes to run")
     parser.add_argument("--json", help="also write the results to this file")
+    parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
+    parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     shapes = FULL_SHAPES if args.full_size else SHAPES
-    if args.only:
-        shapes = [shapes[i] for i in args.only]
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__} ranks={tuple(args.ranks)}")
+    indices = args.only if args.only else range(len(shapes))
+    bench = functools.partial(
+        bench_shape,
+        ranks=tuple(args.ranks),
+        device=args.device,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        autocast=args.autocast,
+    )
+    if args.peaks_only:
+        (index,) = indices
+        print(json.dumps(bench(shapes[index], peaks_only=True)))
+        return
+    name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
+    print(f"device={args.device} ({name}) torch={torch.__version__} ranks={tuple(args.ranks)} autocast={args.autocast}")
     results = []
-    for shape in shapes:
-        result = bench_shape(shape, tuple(args.ranks), args.device, args.repeats, args.warmup)
+    for index in indices:
+        elsewhere = None if args.device.startswith("cuda") else peaks_in_child(args, index)
+        result = bench(shapes[index], peaks_elsewhere=elsewhere)
         results.append(result)
         print(markdown(result), "\n", flush=True)
     if args.json:

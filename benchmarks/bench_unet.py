@@ -13,6 +13,7 @@ latents (which the paper re-attaches with ``requires_grad_``), nothing trained.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import resource
 import statistics
@@ -75,8 +76,14 @@ def wrap(unet, method: str, budget: int):
 
 def worker(args: argparse.Namespace) -> None:
     device = args.device
-    unet = build_unet(args.channels)
+    with torch.device(device):  # random init on the device itself: the full-size UNet builds in seconds on a GPU
+        unet = build_unet(args.channels)
     model = wrap(unet, args.method, args.budget).to(device)
+    amp = (
+        torch.autocast(device.split(":")[0], dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast])
+        if args.autocast != "none"
+        else contextlib.nullcontext()
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4) if params else None
     g = torch.Generator().manual_seed(0)
@@ -93,8 +100,9 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         noisy = (0.7 * latents + 0.7 * noise).detach().requires_grad_(True)
-        pred = model(noisy, t, encoder_hidden_states=text).sample
-        loss = torch.nn.functional.mse_loss(pred, noise)
+        with amp:
+            pred = model(noisy, t, encoder_hidden_states=text).sample
+        loss = torch.nn.functional.mse_loss(pred.float(), noise)
         loss.backward()
         if opt is not None:
             opt.step()
@@ -128,6 +136,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -138,14 +147,17 @@ def main() -> None:
     common = [
         "--device", args.device, "--channels", *map(str, args.channels), "--frames", str(args.frames),
         "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
+        "--autocast", args.autocast,
     ]  # fmt: skip
     print(f"UNet3DConditionModel channels={args.channels} latents {args.frames}x{args.size}x{args.size} "
-          f"batch={args.batch} device={args.device} threads={torch.get_num_threads()}")  # fmt: skip
+          f"batch={args.batch} device={args.device} threads={torch.get_num_threads()} "
+          f"autocast={args.autocast}")  # fmt: skip
     rows, budget = [], 0
     for method in METHODS:
         cmd = [sys.executable, __file__, *common, "--method", method, "--budget", str(budget)]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1]
         row = json.loads(out)
+        print(out, flush=True)
         rows.append(row)
         if method == "tucker (4,4,1,1,1)":
             budget = row["trainable"]

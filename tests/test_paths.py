@@ -14,10 +14,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
-from tucker_lora.functional import ConvGeometry, MergedConv
+from tucker_lora.functional import ConvGeometry, MergedConv, small_kernel
 from tucker_lora.testing import saved_activation_bytes
 
 MODES = ["factored", "merged", "auto"]
+#: CUDA runs the same checks when present (on a GPU machine); CI has only the CPU.
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
 def _adapt(base: nn.Module, ranks, mode: str, **kw) -> TuckerLoraLayer:
@@ -57,10 +59,11 @@ conv_settings = st.fixed_dictionaries(
 )
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 @settings(max_examples=25, deadline=None)
 @given(cfg=conv_settings, seed=st.integers(0, 2**16))
-def test_paths_match_reference_in_forward_and_every_gradient(mode, cfg, seed):
+def test_paths_match_reference_in_forward_and_every_gradient(mode, device, cfg, seed):
     if cfg["padding"] == "same" and cfg["stride"] > 1:
         cfg["stride"] = 1
     torch.manual_seed(seed)
@@ -74,9 +77,9 @@ def test_paths_match_reference_in_forward_and_every_gradient(mode, cfg, seed):
         dilation=cfg["dilation"],
         padding_mode=cfg["padding_mode"],
         bias=cfg["bias"],
-    ).double()
-    layer = _adapt(base, cfg["ranks"], mode, alpha=cfg["alpha"]).double()
-    x = torch.randn(2, cfg["in_ch"], *[7] * cfg["dims"], dtype=torch.float64, requires_grad=True)
+    ).to(device, torch.float64)
+    layer = _adapt(base, cfg["ranks"], mode, alpha=cfg["alpha"]).to(device, torch.float64)
+    x = torch.randn(2, cfg["in_ch"], *[7] * cfg["dims"], dtype=torch.float64, device=device, requires_grad=True)
     params = _adapter_params(layer)
     y = layer(x)
     w = base.weight + layer.get_delta_weight("default")
@@ -89,27 +92,28 @@ def test_paths_match_reference_in_forward_and_every_gradient(mode, cfg, seed):
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("pinned", [False, True])
-def test_merged_function_gradcheck(pinned):
+def test_merged_function_gradcheck(pinned, device):
     torch.manual_seed(0)
-    conv = nn.Conv3d(3, 4, (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2)).double()
+    conv = nn.Conv3d(3, 4, (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2))
+    conv = conv.to(device, torch.float64)
     g = ConvGeometry.of(conv)
-    core = torch.randn(2, 3, 1 if pinned else 2, 2, 2, dtype=torch.float64, requires_grad=True)
+    f64 = {"dtype": torch.float64, "device": device}
+    core = torch.randn(2, 3, 1 if pinned else 2, 2, 2, **f64, requires_grad=True)
     factors = [
-        torch.randn(4, 2, dtype=torch.float64, requires_grad=True),
-        torch.randn(3, 3, dtype=torch.float64, requires_grad=True),
-        torch.tensor([[0.0], [1.0], [0.0]], dtype=torch.float64)
-        if pinned
-        else torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
-        torch.randn(2, 2, dtype=torch.float64, requires_grad=True),
-        torch.randn(3, 2, dtype=torch.float64, requires_grad=True),
+        torch.randn(4, 2, **f64, requires_grad=True),
+        torch.randn(3, 3, **f64, requires_grad=True),
+        torch.tensor([[0.0], [1.0], [0.0]], **f64) if pinned else torch.randn(3, 2, **f64, requires_grad=True),
+        torch.randn(2, 2, **f64, requires_grad=True),
+        torch.randn(3, 2, **f64, requires_grad=True),
     ]
-    x = torch.randn(2, 3, 4, 5, 7, dtype=torch.float64, requires_grad=True)
+    x = torch.randn(2, 3, 4, 5, 7, **f64, requires_grad=True)
     weight = conv.weight.detach().requires_grad_()
     bias = conv.bias.detach().requires_grad_()
 
     def f(x, weight, bias, core, *factors):
-        return MergedConv.apply(x, weight, bias, g, 0.7, core, *factors)
+        return MergedConv.apply(x, weight, bias, g, 0.7, small_kernel(core, factors), factors[0], factors[1])
 
     assert torch.autograd.gradcheck(f, (x, weight, bias, core, *factors))
 
@@ -167,19 +171,22 @@ def test_merged_path_with_frozen_u_i_saves_only_the_projection():
     frozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), "merged", freeze_modes=("i",))
     x_bytes = x.numel() * x.element_size()
     assert frozen_base >= x_bytes  # torch's conv keeps x even with a frozen weight
-    kernel_bytes = 4 * 4 * 27 * 4  # the small kernel K (r_o, r_i, 3, 3, 3), kept for the backward
-    assert saved_activation_bytes(lambda: unfrozen(x)) <= x_bytes + kernel_bytes
+    # adapter-sized extras: the small kernel K (r_o, r_i, 3, 3, 3) and what autograd keeps to build K (core,
+    # the kernel factors' Kronecker product), each at most K's size
+    adapter_bytes = 2 * 4 * 4 * 27 * 4
+    assert saved_activation_bytes(lambda: unfrozen(x)) <= x_bytes + adapter_bytes
     saved = saved_activation_bytes(lambda: frozen(x))
-    assert saved <= x_bytes * 4 / 32 + kernel_bytes, saved / x_bytes  # only P = U_i^T x: r_i / I of x
+    assert saved <= x_bytes * 4 / 32 + adapter_bytes, saved / x_bytes  # only P = U_i^T x: r_i / I of x
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
-def test_autocast_bf16_keeps_fp32_adapter(mode):
+def test_autocast_bf16_keeps_fp32_adapter(mode, device):
     torch.manual_seed(0)
-    base = nn.Conv3d(8, 8, 3, padding=1)
+    base = nn.Conv3d(8, 8, 3, padding=1).to(device)
     layer = _adapt(base, (4, 4, 2, 1, 1), mode)
-    x = torch.randn(2, 8, 3, 6, 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    x = torch.randn(2, 8, 3, 6, 6, device=device)
+    with torch.autocast(device, dtype=torch.bfloat16):
         y = layer(x)
     y.float().square().mean().backward()
     assert y.dtype == torch.bfloat16

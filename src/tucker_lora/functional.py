@@ -31,49 +31,21 @@ _CONV_WEIGHT_GRAD = {1: nn.grad.conv1d_weight, 2: nn.grad.conv2d_weight, 3: nn.g
 
 
 # ---------------------------------------------------------------------------------------------- tensors
-_CORE, _KIN, _KOUT = "ab", "cde", "xyz"
-
-
-@functools.cache
-def _kernel_equations(n_kernel: int) -> tuple[str, str, tuple[str, ...]]:
-    """einsum equations for ``K = G x_n U_n`` over ``n_kernel`` kernel modes, and its gradients."""
-    kin, kout = _KIN[:n_kernel], _KOUT[:n_kernel]
-    factors = [f"{o}{i}" for o, i in zip(kout, kin, strict=True)]
-    forward = f"{_CORE}{kin},{','.join(factors)}->{_CORE}{kout}"
-    d_core = f"{_CORE}{kout},{','.join(factors)}->{_CORE}{kin}"
-    d_factors = tuple(
-        f"{_CORE}{kout},{_CORE}{kin}{''.join(',' + f for m, f in enumerate(factors) if m != n)}->{factors[n]}"
-        for n in range(n_kernel)
-    )
-    return forward, d_core, d_factors
-
-
 def small_kernel(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.Tensor:
     """``K = G x_3 U_t x_4 U_h x_5 U_w``: the core expanded along the kernel modes only.
 
     core: (r_o, r_i, r_k...); factors: all modes, (dim_n, r_n). Returns (r_o, r_i, k...).
-    For a Linear (no kernel mode) this is the core itself. One ``einsum``: the same numbers as
-    ``tucker.reconstruct`` restricted to the kernel modes, in one call.
+    As matrices, ``K_(12) = G_(12) (U_t kron U_h kron U_w)^T``: the Kronecker product of the
+    kernel factors (a few hundred entries at most) and one matmul, differentiable by autograd with
+    no einsum path search. For a Linear (no kernel mode) this is the core itself.
     """
     if core.ndim == 2:
         return core
-    return torch.einsum(_kernel_equations(core.ndim - 2)[0], core, *factors[2:])
-
-
-def small_kernel_grads(
-    dK: torch.Tensor, core: torch.Tensor, factors: Sequence[torch.Tensor], need: Sequence[bool]
-) -> list[torch.Tensor | None]:
-    """Gradients of ``small_kernel`` given ``dK``: ``[dG, dU_t, dU_h, dU_w]`` (None where not needed).
-
-    ``dG = dK x_n U_n^T``; ``dU_n = dK_(n) (G x_{m != n} U_m)_(n)^T``.
-    """
-    kernel = list(factors[2:])
-    _, d_core, d_factors = _kernel_equations(len(kernel))
-    out: list[torch.Tensor | None] = [torch.einsum(d_core, dK, *kernel) if need[0] else None]
-    for n, eq in enumerate(d_factors):
-        others = [U for m, U in enumerate(kernel) if m != n]
-        out.append(torch.einsum(eq, dK, core, *others) if need[n + 1] else None)
-    return out
+    kernel = factors[2:]
+    B = functools.reduce(torch.kron, kernel)  # (prod k_n, prod r_n)
+    r_o, r_i = core.shape[:2]
+    K = torch.mm(core.reshape(r_o * r_i, -1), B.T)
+    return K.view(r_o, r_i, *(U.shape[0] for U in kernel))
 
 
 def _kernel_times_U_i(K: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
@@ -188,46 +160,42 @@ def autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _merged_output(
-    x, weight, bias, geometry: ConvGeometry, alpha: float, core, factors
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(conv(x, W + alpha * dW, b), K)``, computed without autograd (the same kernels in training and inference)."""
+def _merged_output(x, weight, bias, geometry: ConvGeometry, alpha: float, K, U_o, U_i) -> torch.Tensor:
+    """``conv(x, W + alpha * K x_1 U_o x_2 U_i, b)``, computed without autograd (the same kernels in training
+    and inference)."""
     with torch.no_grad():
-        K = small_kernel(core, factors)
-        return geometry.conv(x, merged_weight(weight, K, factors[0], factors[1], alpha), bias), K
+        return geometry.conv(x, merged_weight(weight, K, U_o, U_i, alpha), bias)
 
 
-_CORE_ARG = 5  # position of the core in MergedConv.apply's arguments; the factors follow it
+_K_ARG = 5  # position of the small kernel K in MergedConv.apply's arguments; U_o and U_i follow it
 
 
 class MergedConv(torch.autograd.Function):
     """``conv(x, W + alpha * K x_1 U_o x_2 U_i, b)`` with a backward that never forms the O x I x k gradient.
 
     Inputs: x (already padded by the geometry), the base weight and bias, the geometry, alpha, the
-    core, then every factor in mode order (U_o, U_i, kernel modes).
+    small kernel ``K`` (r_o, r_i, k...; autograd carries its gradient on to the core and the kernel
+    factors), ``U_o`` and ``U_i``.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geometry: ConvGeometry, alpha: float, core, *factors):  # type: ignore[override]
-        U_i = factors[1]
-        y, K = _merged_output(x, weight, bias, geometry, alpha, core, factors)
-        train_factors = ctx.needs_input_grad[_CORE_ARG + 1 :]
-        adapter_grad = ctx.needs_input_grad[_CORE_ARG] or any(train_factors)
-        keep_x = train_factors[1] or ctx.needs_input_grad[1]
-        P = channel_mix(x, U_i.T.to(x.dtype)) if adapter_grad and not keep_x else None
-        ctx.geometry, ctx.alpha, ctx.n_factors = geometry, alpha, len(factors)
+    def forward(ctx, x, weight, bias, geometry: ConvGeometry, alpha: float, K, U_o, U_i):  # type: ignore[override]
+        y = _merged_output(x, weight, bias, geometry, alpha, K, U_o, U_i)
+        need_K, need_U_o, need_U_i = ctx.needs_input_grad[_K_ARG:]
+        keep_x = need_U_i or ctx.needs_input_grad[1]
+        P = channel_mix(x, U_i.T.to(x.dtype)) if (need_K or need_U_o) and not keep_x else None
+        ctx.geometry, ctx.alpha = geometry, alpha
         ctx.x_shape, ctx.autocast = x.shape, autocast_state(x.device.type)
-        ctx.save_for_backward(x if keep_x else None, P, K, weight, core, *factors)
+        ctx.save_for_backward(x if keep_x else None, P, weight, K, U_o, U_i)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, P, K, weight, core, *factors = ctx.saved_tensors
+        x, P, weight, K, U_o, U_i = ctx.saved_tensors
         g, alpha = ctx.geometry, ctx.alpha
-        U_o, U_i = factors[0], factors[1]
         need = ctx.needs_input_grad
         enabled, dtype = ctx.autocast
-        grads: list[torch.Tensor | None] = [None] * (_CORE_ARG + 1 + ctx.n_factors)
+        grads: list[torch.Tensor | None] = [None] * (_K_ARG + 3)
         with torch.autocast(dy.device.type, dtype=dtype, enabled=enabled):
             if need[0]:
                 merged = merged_weight(weight, K, U_o, U_i, alpha)
@@ -236,39 +204,35 @@ class MergedConv(torch.autograd.Function):
                 grads[1] = g.weight_grad(x.to(dy.dtype), weight.shape, dy).to(weight.dtype)
             if need[2]:
                 grads[2] = dy.sum(dim=[d for d in range(dy.ndim) if d != 1])
-            if any(need[_CORE_ARG:]):
-                grads[_CORE_ARG:] = _merged_adapter_grads(x, P, K, dy, g, alpha, core, factors, need[_CORE_ARG:])
+            if any(need[_K_ARG:]):
+                grads[_K_ARG:] = _merged_adapter_grads(x, P, dy, g, alpha, K, U_o, U_i, need[_K_ARG:])
         return tuple(grads)
 
 
-def _merged_adapter_grads(x, P, K, dy, g: ConvGeometry, alpha, core, factors, need) -> list[torch.Tensor | None]:
-    """Gradients of core and factors from ``P = U_i^T x``, ``Q = U_o^T dy`` and kernel-sized correlations."""
-    U_o, U_i = factors[0], factors[1]
+def _merged_adapter_grads(x, P, dy, g: ConvGeometry, alpha, K, U_o, U_i, need) -> list[torch.Tensor | None]:
+    """``[dK, dU_o, dU_i]`` from ``P = U_i^T x``, ``Q = U_o^T dy`` and a kernel-sized correlation of the two."""
     dtype = dy.dtype
     if P is None:
         P = channel_mix(x, U_i.T.to(x.dtype))
     P = P.to(dtype)
-    Q = channel_mix(dy, U_o.T.to(dtype))  # (N, r_o, *S')
     Kd = K.to(dtype)
-    out: list[torch.Tensor | None] = [None] * len(need)
-    if need[0] or any(need[3:]):
-        dK = alpha * g.weight_grad(P, K.shape, Q).to(K.dtype)  # (r_o, r_i, k...) = corr(P, Q)
-        grads = small_kernel_grads(dK, core, factors, [need[0], *need[3:]])
-        out[0] = grads[0]
-        out[3:] = grads[1:]
-    if need[1]:  # U_o: dy z^T with z = conv(P, K)
-        z = g.conv(P, Kd)
-        out[1] = alpha * _batch_outer(dy, z).to(U_o.dtype)
-    if need[2]:  # U_i: x dP^T with dP = conv_input(Q, K)
-        dP = g.input_grad(P.shape, Kd, Q)
-        out[2] = alpha * _batch_outer(x.to(dtype), dP).to(U_i.dtype)
-    return out
+    Q = channel_mix(dy, U_o.T.to(dtype)) if need[0] or need[2] else None  # (N, r_o, *S')
+    dK = dU_o = dU_i = None
+    if need[0]:
+        dK = alpha * g.weight_grad(P, K.shape, Q).to(K.dtype)  # corr(P, Q): (r_o, r_i, k...)
+    if need[1]:  # dy z^T, z = conv(P, K)
+        dU_o = alpha * _batch_outer(dy, g.conv(P, Kd)).to(U_o.dtype)
+    if need[2]:  # x dP^T with dP = conv_input(Q, K)
+        dU_i = alpha * _batch_outer(x.to(dtype), g.input_grad(P.shape, Kd, Q)).to(U_i.dtype)
+    return [dK, dU_o, dU_i]
 
 
 def _batch_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_{n, s} a[n, :, s] b[n, :, s]^T``: (N, A, *S), (N, B, *S) -> (A, B)."""
-    N = a.shape[0]
-    return torch.bmm(a.reshape(N, a.shape[1], -1), b.reshape(N, b.shape[1], -1).transpose(1, 2)).sum(0)
+    N, A, B = a.shape[0], a.shape[1], b.shape[1]
+    if N == 1:
+        return torch.mm(a.reshape(A, -1), b.reshape(B, -1).T)
+    return torch.bmm(a.reshape(N, A, -1), b.reshape(N, B, -1).transpose(1, 2)).sum(0)
 
 
 def merged_conv(
@@ -284,11 +248,12 @@ def merged_conv(
     if unbatched:
         x = x.unsqueeze(0)
     x = geometry.prepare(x)
-    needs_graph = x.requires_grad or base.weight.requires_grad or core.requires_grad
-    if torch.is_grad_enabled() and (needs_graph or any(U.requires_grad for U in factors)):
-        y = MergedConv.apply(x, base.weight, base.bias, geometry, alpha, core, *factors)
+    K, U_o, U_i = small_kernel(core, factors), factors[0], factors[1]
+    needs_graph = x.requires_grad or base.weight.requires_grad or K.requires_grad
+    if torch.is_grad_enabled() and (needs_graph or U_o.requires_grad or U_i.requires_grad):
+        y = MergedConv.apply(x, base.weight, base.bias, geometry, alpha, K, U_o, U_i)
     else:  # inference: the same numbers without the autograd Function
-        y, _ = _merged_output(x, base.weight, base.bias, geometry, alpha, core, factors)
+        y = _merged_output(x, base.weight, base.bias, geometry, alpha, K, U_o, U_i)
     return y.squeeze(0) if unbatched else y
 
 
@@ -298,13 +263,22 @@ def module_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: 
 
 
 # ---------------------------------------------------------------------------------------------- cost model
-def choose_path(weight_numel: int, x_numel: int, y_numel: int) -> str:
+#: ``choose_path`` takes the merged path when the weight has fewer entries than this factor times the input
+#: and output activations together, per device type (measured with ``benchmarks/bench_layers.py``).
+#: On CUDA (H100) the factored path was faster on every layer shape of the benchmark, in training and in
+#: inference: the merged path's extra work is launch-bound there, so ``auto`` always takes the factored path.
+MERGED_WEIGHT_FACTOR = {"cpu": 1.0, "cuda": 0.0}
+
+
+def choose_path(weight_numel: int, x_numel: int, y_numel: int, device_type: str = "cpu") -> str:
     """``"merged"`` or ``"factored"`` for one plain conv call.
 
     merged pays for forming ``W + alpha * dW`` (a read and a write of the weight, in the forward and
     again in the backward) and four reads of x / dy for the adapter gradients; factored pays about
     eight passes over the full-size activations (projecting x, adding into y, their gradients and
     the extra input gradient). Measured on CPU (``benchmarks/bench_layers.py``), merged wins when
-    the weight has fewer entries than the input and output activations together.
+    the weight has fewer entries than the input and output activations together
+    (``MERGED_WEIGHT_FACTOR`` holds that factor per device type).
     """
-    return "merged" if weight_numel < x_numel + y_numel else "factored"
+    factor = MERGED_WEIGHT_FACTOR.get(device_type, 1.0)
+    return "merged" if weight_numel < factor * (x_numel + y_numel) else "factored"

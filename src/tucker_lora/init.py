@@ -306,7 +306,7 @@ def _full_factors(mr: ModeRanks, free: dict[int, torch.Tensor], like: torch.Tens
     out = []
     for n, (d, p) in enumerate(zip(mr.dims, mr.pinned, strict=True)):
         if p:
-            out.append(centre_tap(d).to(device=like.device, dtype=like.dtype))
+            out.append(centre_tap(d, like.device, like.dtype))
         elif n in free:
             out.append(free[n])
         else:

@@ -177,7 +177,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         out = []
         for mode, dim, pinned in zip(mr.modes, mr.dims, mr.pinned, strict=True):
             if pinned:
-                out.append(centre_tap(dim).to(device=core.device, dtype=core.dtype))
+                out.append(centre_tap(dim, core.device, core.dtype))
             else:
                 out.append(getattr(self, factor_attr(mode))[adapter_name])
         return out
@@ -299,7 +299,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             return "merged"
         weight = base.weight
         y_numel = x.numel() // weight.shape[1] * weight.shape[0]  # stride-1 estimate of the output size
-        return choose_path(weight.numel(), x.numel(), y_numel)
+        return choose_path(weight.numel(), x.numel(), y_numel, x.device.type)
 
     def __repr__(self) -> str:
         return "tucker_lora." + super().__repr__()

@@ -68,11 +68,12 @@ def num_params(dims: Sequence[int], ranks: Sequence[int]) -> int:
     return sum(d * r for d, r in zip(dims, ranks, strict=True)) + core
 
 
-def centre_tap(size: int) -> torch.Tensor:
-    """The fixed factor of a pinned kernel mode: a (size, 1) one-hot at index ``size // 2``."""
-    U = torch.zeros(size, 1)
-    U[size // 2, 0] = 1.0
-    return U
+def centre_tap(size: int, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The fixed factor of a pinned kernel mode: a (size, 1) one-hot at index ``size // 2``.
+
+    Built on ``device`` itself (an ``arange`` comparison): no host-to-device copy, which on a GPU
+    would stall the host at every call."""
+    return (torch.arange(size, device=device) == size // 2).to(dtype or torch.get_default_dtype()).unsqueeze(1)
 
 
 @dataclass(frozen=True)

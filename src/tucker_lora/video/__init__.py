@@ -11,7 +11,9 @@ One module per job; diffusers, transformers, accelerate and PyAV are imported in
 - ``adapters``: the adapter config per method (Tucker-LoRA, or peft LoRA at a matched parameter count);
 - ``ema``: exponential moving average of the adapter parameters;
 - ``checkpoint``: crash-safe accelerate checkpoints and the per-step JSONL log;
+- ``distributed``: FSDP2 sharding through accelerate and gathering the adapter of a sharded model;
 - ``media``: MP4 / GIF writing and the PNG grid of frames t=0 / mid / end;
+- ``motion``: motion laws of the synthetic domains and the estimator of a clip's dominant motion;
 - ``train`` / ``sample``: the command lines behind ``examples/train_text_to_video.py`` and
   ``examples/sample_text_to_video.py``.
 """

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
@@ -73,17 +74,19 @@ class Checkpoints:
             for p in self.output_dir.glob(f".{CHECKPOINT_PREFIX}*.partial"):
                 shutil.rmtree(p, ignore_errors=True)
 
-    def save(self, accelerator: Any, step: int) -> Path:
+    def save(self, accelerator: Any, step: int, save_state: Optional[Callable[[str], Any]] = None) -> Path:
         """``accelerator.save_state`` into ``checkpoint-<step>``, atomically; then apply ``total_limit``.
 
         Call on every process (each saves its own RNG state); the main process renames and prunes.
+        ``save_state`` replaces ``accelerator.save_state`` (a sharded run's adapter-only save,
+        ``distributed.ShardedCheckpointing.save_state``).
         """
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{step}"
         stage = self.output_dir / f".{CHECKPOINT_PREFIX}{step}.partial"
         if accelerator.is_main_process:
             shutil.rmtree(stage, ignore_errors=True)
         accelerator.wait_for_everyone()
-        accelerator.save_state(str(stage))
+        (save_state or accelerator.save_state)(str(stage))
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             replace_directory(stage, final)

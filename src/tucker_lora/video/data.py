@@ -247,6 +247,21 @@ def _warn_missing(missing: list[str], where: str) -> None:
         logger.warning("skipping %d captioned videos not found in %s: %s", len(missing), where, shown)
 
 
+def read_caption_rows(csv_path: Path, what: str, why: str) -> list[tuple[str, str]]:
+    """The ``(file, caption)`` rows (stripped; rows without a file skipped) of a CSV with a header naming a file
+    column (``file``, ``video``, ``path``, ...) and a caption column (``caption``, ``text`` or ``prompt``).
+    A missing file is an error saying ``what`` it is and ``why`` it is needed."""
+    if not csv_path.is_file():
+        raise InputError(f"{what} '{csv_path}' does not exist ({why})")
+    with csv_path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        if not reader.fieldnames:
+            raise InputError(f"'{csv_path}' is empty: expected a header with a file and a caption column")
+        file_col = _pick_column(reader.fieldnames, _FILE_COLUMNS, "file", csv_path)
+        caption_col = _pick_column(reader.fieldnames, _CAPTION_COLUMNS, "caption", csv_path)
+        return [(r[file_col].strip(), (r[caption_col] or "").strip()) for r in reader if r.get(file_col)]
+
+
 def folder_dataset(
     root: str | os.PathLike, captions_csv: Optional[str | os.PathLike] = None, **kwargs: Any
 ) -> VideoCaptionDataset:
@@ -258,15 +273,7 @@ def folder_dataset(
     """
     root = Path(root)
     csv_path = Path(captions_csv) if captions_csv else root / CAPTIONS_CSV
-    if not csv_path.is_file():
-        raise InputError(f"captions file '{csv_path}' does not exist (a video folder needs a {CAPTIONS_CSV})")
-    with csv_path.open(newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        if not reader.fieldnames:
-            raise InputError(f"'{csv_path}' is empty: expected a header with a file and a caption column")
-        file_col = _pick_column(reader.fieldnames, _FILE_COLUMNS, "file", csv_path)
-        caption_col = _pick_column(reader.fieldnames, _CAPTION_COLUMNS, "caption", csv_path)
-        rows = [(r[file_col].strip(), (r[caption_col] or "").strip()) for r in reader if r.get(file_col)]
+    rows = read_caption_rows(csv_path, "captions file", f"a video folder needs a {CAPTIONS_CSV}")
     videos = _find_videos(root)
     captions: dict[Path, list[str]] = {}
     missing = []

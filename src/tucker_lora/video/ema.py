@@ -7,6 +7,11 @@ start). The shadow is float32 whatever the parameters' dtype. ``swapped_in()`` p
 weights into the model for validation or saving and restores the trained ones afterwards. The state
 (``state_dict`` / ``load_state_dict``) goes into accelerate checkpoints with
 ``accelerator.register_for_checkpointing``.
+
+Under FSDP2 the parameters are sharded ``DTensor``s; the shadow then holds the same shards (the update is
+elementwise, so each rank averages its own slice: no communication, 1/N of the memory). ``state_dict``
+all-gathers full tensors (every rank calls it, as accelerate's ``save_state`` does), so the checkpoint is
+the same as a single-process run's, and ``load_state_dict`` cuts full tensors into the parameters' shards.
 """
 
 from __future__ import annotations
@@ -16,6 +21,8 @@ from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
+
+from .distributed import full_tensor, local_tensor, shard_like
 
 __all__ = ["AdapterEMA"]
 
@@ -42,26 +49,27 @@ class AdapterEMA:
     def step(self) -> None:
         """Fold the current parameters into the average (call after each optimiser step)."""
         d = self.current_decay()
-        current = [p.detach().float() for p in self.params]
-        torch._foreach_lerp_(self.shadow, current, 1.0 - d)
+        current = [local_tensor(p.detach()).float() for p in self.params]
+        torch._foreach_lerp_([local_tensor(s) for s in self.shadow], current, 1.0 - d)
         self.num_updates += 1
 
     @contextlib.contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Inside the block the parameters hold the averaged values; the trained values come back after."""
-        backup = [p.detach().clone() for p in self.params]
+        local = [local_tensor(p.detach()) for p in self.params]
+        backup = [p.clone() for p in local]
         with torch.no_grad():
-            for p, s in zip(self.params, self.shadow, strict=True):
-                p.copy_(s)
+            torch._foreach_copy_(local, [local_tensor(s) for s in self.shadow])
         try:
             yield
         finally:
             with torch.no_grad():
-                for p, b in zip(self.params, backup, strict=True):
-                    p.copy_(b)
+                torch._foreach_copy_(local, backup)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": self.shadow}
+        """Full tensors (all-gathered from shards under FSDP: call on every rank)."""
+        shadow = [full_tensor(s) for s in self.shadow]
+        return {"decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates, "shadow": shadow}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         shadow = state["shadow"]
@@ -72,4 +80,4 @@ class AdapterEMA:
             bool(state["warmup"]),
             int(state["num_updates"]),
         )
-        self.shadow = [s.detach().float().clone().to(p.device) for s, p in zip(shadow, self.params, strict=True)]
+        self.shadow = [shard_like(s.detach().float().clone(), p) for s, p in zip(shadow, self.params, strict=True)]

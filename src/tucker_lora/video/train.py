@@ -17,6 +17,11 @@ from a generator seeded with (seed, step, micro-batch, process), the data order 
 sampler and the clips from (seed, epoch, index). With the optimiser, LR scheduler, EMA and RNG states in
 the checkpoint, ``--resume_from_checkpoint latest`` continues exactly where the run stopped.
 
+Sharded training: under ``accelerate launch --config_file examples/accelerate_fsdp.yaml`` (FSDP2) the UNet is
+sharded at its blocks with ``fully_shard``, frozen base and trainable adapter in the same units; the adapter
+and EMA are gathered to rank 0 for saving, so the outputs are the same files as a single-process run's
+(see ``tucker_lora.video.distributed``).
+
 Outputs in ``--output_dir``: ``adapter/`` and ``adapter_ema/`` (peft ``save_pretrained`` folders),
 ``checkpoint-<step>/`` (accelerate state; adapter weights only), ``train_log.jsonl`` (one line per step),
 ``validation/step-<step>/`` (MP4 or GIF per prompt and seed, ``grid.png``), ``base_model/`` (the tiny
@@ -30,7 +35,6 @@ import contextlib
 import json
 import logging
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -45,6 +49,15 @@ from . import InputError, run_cli
 from .adapters import DEFAULT_RANKS, METHODS, parse_target_modules
 from .checkpoint import Checkpoints
 from .data import example_captions, load_dataset
+from .distributed import (
+    ShardedCheckpointing,
+    broadcast_adapter_init,
+    configure_wrap_policy,
+    cpu_process_group,
+    enable_fsdp,
+    save_adapter_folder,
+    unsharded_root,
+)
 from .pipeline import (
     BACKBONES,
     VideoComponents,
@@ -296,6 +309,7 @@ class _Validator:
         self.pipe = None
 
     def __call__(self, accelerator: Any, model: Any, ema: Any, step: int) -> Path:
+        """Sample and write (on the main process). A sharded model samples on every process together."""
         from .media import frame_grid, write_video
         from .pipeline import generate
 
@@ -307,7 +321,7 @@ class _Validator:
         peft_model.eval()
         swap = ema.swapped_in() if ema is not None else contextlib.nullcontext()
         try:
-            with swap, accelerator.autocast():
+            with swap, unsharded_root(model), accelerator.autocast():
                 videos = generate(
                     self.pipe,
                     self.prompts,
@@ -320,6 +334,8 @@ class _Validator:
                 )
         finally:
             peft_model.train()
+        if not accelerator.is_main_process:
+            return out
         labels = []
         for i, (prompt, seed, frames) in enumerate(videos):
             write_video(frames, out / f"{i:02d}_seed{seed}.{args.video_format}", fps=args.fps)
@@ -352,17 +368,6 @@ def _write_data_examples(dataset: Any, path: Path, count: int = 3) -> None:
     items = [dataset[i] for i in range(min(count, len(dataset)))]
     videos = [((item["pixel_values"].permute(1, 2, 3, 0) + 1) / 2).clamp(0, 1) for item in items]
     frame_grid(videos, path, labels=[item["caption"] for item in items])
-
-
-def _multi_process_cpu() -> bool:
-    """A multi-process launch (``accelerate launch --multi_gpu`` / ``torchrun``) on a machine without CUDA or XPU.
-
-    accelerate runs several CPU processes as DDP over gloo only when told the run is on the CPU; without
-    this each process would train alone. Single-process runs keep accelerate's own device choice.
-    """
-    xpu = getattr(torch, "xpu", None)
-    accelerators = torch.cuda.is_available() or (xpu is not None and xpu.is_available())
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not accelerators
 
 
 def _register_adapter_checkpointing(accelerator: Any) -> None:
@@ -399,7 +404,6 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     from peft import get_peft_model
     from tqdm.auto import tqdm
 
-    from ..io import save_adapter
     from .adapters import accept_input_keyword, plan_adapter
     from .ema import AdapterEMA
     from .metrics import StepLog, peak_memory_mb, read_log
@@ -408,7 +412,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     resume = check_inputs(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
-        cpu=_multi_process_cpu(),
+        cpu=cpu_process_group(),
         gradient_accumulation_steps=args.gradient_accumulation_steps,
         mixed_precision=args.mixed_precision,
         log_with=args.report_to,
@@ -420,6 +424,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", level=logging.INFO)
     if not accelerator.is_main_process:
         logger.setLevel(logging.WARNING)
+    sharded = enable_fsdp(accelerator)  # FSDP2 from an accelerate FSDP config
     if args.allow_tf32:
         torch.backends.cuda.matmul.allow_tf32 = True
     set_seed(args.seed)
@@ -442,8 +447,10 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(accelerator.mixed_precision, torch.float32)
     for module in (components.vae, components.text_encoder, components.unet):
         module.requires_grad_(False)
+        # a sharded UNet stays on the CPU: fully_shard moves only this process's shard to the device
+        device = "cpu" if sharded and module is components.unet else accelerator.device
         # (diffusers warns about any dtype cast, even to float32: cast only when mixed precision asks)
-        module.to(accelerator.device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
+        module.to(device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     if args.gradient_checkpointing:
         enable_gradient_checkpointing(components.unet)
     ranks = args.ranks or DEFAULT_RANKS[components.backbone]
@@ -505,7 +512,12 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
+    if sharded:
+        configure_wrap_policy(accelerator, components.unet)
+        broadcast_adapter_init(model, accelerator.device)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
+    # under FSDP2 accelerate swapped the optimizer's parameters for the sharded ones: clip and average those
+    trainable = [p for p in model.parameters() if p.requires_grad]
     steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
     max_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     num_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -521,11 +533,12 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     _register_adapter_checkpointing(accelerator)
+    state_io = ShardedCheckpointing(accelerator, model, optimizer) if sharded else accelerator
     noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
 
     global_step = 0
     if resume is not None:
-        accelerator.load_state(str(resume))
+        state_io.load_state(str(resume))
         global_step = Checkpoints.step_of(resume)
         logger.info("resumed from %s (step %d)", resume, global_step)
     elif args.resume_from_checkpoint:
@@ -611,12 +624,14 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
             progress.update(1)
             progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
             if global_step % args.checkpointing_steps == 0 or (global_step == stop_at < max_steps):
-                path = checkpoints.save(accelerator, global_step)
+                path = checkpoints.save(accelerator, global_step, save_state=state_io.save_state)
                 logger.info("checkpoint saved to %s", path)
             at_end = global_step == max_steps
             if args.validation_steps and (global_step % args.validation_steps == 0 or at_end):
-                if accelerator.is_main_process:
-                    result.validation_dirs.append(validate(accelerator, model, ema, global_step))
+                if accelerator.is_main_process or sharded:  # a sharded UNet runs on every process together
+                    path = validate(accelerator, model, ema, global_step)
+                    if accelerator.is_main_process:
+                        result.validation_dirs.append(path)
                 accelerator.wait_for_everyone()
             t_step = time.perf_counter()  # checkpoint and validation time is not training throughput
             if global_step >= stop_at:
@@ -628,13 +643,14 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     peft_model = accelerator.unwrap_model(model)
     result.model, result.global_step = peft_model, global_step
     result.paused = global_step < max_steps
-    if accelerator.is_main_process and not result.paused:
+    if not result.paused:  # every process: a sharded adapter is gathered to the main process, which writes
         result.adapter_dir = output_dir / "adapter"
-        save_adapter(peft_model, result.adapter_dir, save_embedding_layers=False)
+        save_adapter_folder(accelerator, model, result.adapter_dir)
         if ema is not None:
             result.ema_adapter_dir = output_dir / "adapter_ema"
             with ema.swapped_in():
-                save_adapter(peft_model, result.ema_adapter_dir, save_embedding_layers=False)
+                save_adapter_folder(accelerator, model, result.ema_adapter_dir)
+    if accelerator.is_main_process and not result.paused:
         summary = {
             "method": plan.method,
             "backbone": components.backbone,
