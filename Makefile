@@ -14,7 +14,7 @@ $(BIN)/python:
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q -e ".[video,dev]"
+	$(BIN)/python -m pip install -q -e ".[video,dev,bench]"
 	touch $(STAMP)
 
 venv: $(STAMP)
