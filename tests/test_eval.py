@@ -278,20 +278,16 @@ def tiny_clip(tmp_path_factory) -> Path:
     """A random CLIPModel (width 32, 32 x 32 images) with a tokenizer and image processor, saved to a folder."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from tucker_lora.video.pipeline import tiny_tokenizer
+    from tucker_lora.video.pipeline import text_config_for, tiny_tokenizer
 
     tokenizer = tiny_tokenizer()
     config = CLIPConfig(
         text_config=dict(
-            vocab_size=len(tokenizer),
             hidden_size=32,
             intermediate_size=37,
             num_hidden_layers=1,
             num_attention_heads=2,
-            max_position_embeddings=tokenizer.model_max_length,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
+            **text_config_for(tokenizer),
         ),
         vision_config=dict(
             image_size=SIZE,

@@ -133,6 +133,18 @@ def tiny_tokenizer(words: Sequence[str] = TINY_WORDS, model_max_length: int = 32
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=model_max_length)
 
 
+def text_config_for(tokenizer: Any) -> dict[str, int]:
+    """The fields a CLIP text config takes from its tokenizer: vocabulary size, context length and the
+    ``<|startoftext|>`` (0) / ``<|endoftext|>`` (1, also padding) ids of ``tiny_tokenizer``."""
+    return dict(
+        vocab_size=len(tokenizer),
+        max_position_embeddings=tokenizer.model_max_length,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+    )
+
+
 def tiny_components(backbone: str = "unet3d", seed: int = 0) -> VideoComponents:
     """A tiny random pipeline from configs: 64x64 frames, an 8x downsampling VAE to 8x8x4 latents, a
     2-layer CLIP text encoder of width 32, a DDIM scheduler and ``testing.tiny_unet3d`` / ``tiny_unet_motion``.
@@ -161,15 +173,11 @@ def tiny_components(backbone: str = "unet3d", seed: int = 0) -> VideoComponents:
         )
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
-                vocab_size=len(tokenizer),
                 hidden_size=unet.config.cross_attention_dim,
                 intermediate_size=64,
                 num_hidden_layers=2,
                 num_attention_heads=4,
-                max_position_embeddings=tokenizer.model_max_length,
-                bos_token_id=0,
-                eos_token_id=1,
-                pad_token_id=1,
+                **text_config_for(tokenizer),
             )
         )
     scheduler = DDIMScheduler(
