@@ -6,12 +6,14 @@ layer inside a network; the adapter also gets its parameter gradients) and an in
 counts the bytes autograd saves for the backward (``saved_tensors_hooks``; deterministic), and measures
 the peak memory of a training step through four copies of the layer in a row (so each layer's input is
 kept alive only by what autograd saves; on CPU in a child process, see ``peaks_in_child``).
-Times are medians, reported as ratios to the frozen base layer; on CUDA each step is synchronised, and a
-"pipelined" column also times steps queued back to back (as inside a network, where the host runs ahead).
+Times are medians, reported as ratios to the frozen base layer (the median of per-round ratios); on CUDA
+each step is synchronised, and a "pipelined" column also times steps queued back to back (as inside a
+network, where the host runs ahead).
 Baselines get the trainable parameter count nearest to Tucker's: peft LoRA rank ``round(P / (I*k + O))``
 (at least 1) and LyCORIS LoCon-Tucker rank solving ``r*I + r*r*k + r*O = P``.
 
     python benchmarks/bench_layers.py                # CPU sizes (scaled down, see SHAPES)
+    python benchmarks/bench_layers.py --runs 3       # three fresh processes, medians of their ratios
     python benchmarks/bench_layers.py --full-size    # the issue's sizes (GPU)
     python benchmarks/bench_layers.py --device cuda --full-size --json out.json
 """
@@ -29,6 +31,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,10 +104,8 @@ def build_columns(shape: Shape, ranks: tuple[int, ...], device: str) -> dict[str
         columns[f"LyCORIS LoCon-Tucker r={r_ly}"] = nn.ModuleDict({"layer": ly_base, "adapter": ly})
     except ImportError:
         print("lycoris-lora not installed: LyCORIS column skipped (pip install lycoris-lora)")
-    cfg = TuckerLoraConfig(
-        target_modules=["0"], ranks=ranks, init_weights=False, forward_mode="merged", freeze_modes=("i",)
-    )
-    columns["tucker merged, freeze_modes=('i',)"] = get_peft_model(nn.Sequential(copy.deepcopy(base)), cfg)
+    cfg = TuckerLoraConfig(target_modules=["0"], ranks=ranks, init_weights=False, freeze_modes=("i",))
+    columns["tucker auto, freeze_modes=('i',)"] = get_peft_model(nn.Sequential(copy.deepcopy(base)), cfg)
     full = copy.deepcopy(base).requires_grad_(True)
     columns["full fine-tuning"] = full
     return columns
@@ -219,7 +220,6 @@ def bench_shape(
             sync(device)
             pipelined[name] = (time.perf_counter() - t0) / repeats
     peak = peaks_elsewhere() if peaks_elsewhere else {n: column_peak(n, m, x, device, amp) for n, m in columns.items()}
-    floor_t, floor_i = statistics.median(train["frozen base"]), statistics.median(infer["frozen base"])
     rows = []
     for name, module in columns.items():
         rows.append(
@@ -227,14 +227,62 @@ def bench_shape(
                 "method": name,
                 "params": n_trainable(module),
                 "train_ms": 1e3 * statistics.median(train[name]),
-                "train_ratio": statistics.median(train[name]) / floor_t,
+                "train_ratio": paired_ratio(train[name], train["frozen base"]),
                 "train_pipelined_ratio": pipelined[name] / pipelined["frozen base"] if pipelined else None,
-                "infer_ratio": statistics.median(infer[name]) / floor_i,
+                "infer_ratio": paired_ratio(infer[name], infer["frozen base"]),
                 "saved_vs_x": saved_activation_bytes(lambda m=module: call(m, x)) / (x.numel() * x.element_size()),
                 "peak_mb": peak[name],
             }
         )
     return {"shape": shape.name + ("" if autocast == "none" else f", autocast {autocast}"), "rows": rows}
+
+
+def paired_ratio(times: list[float], floor: list[float]) -> float:
+    """Median over rounds of (this column's time / the frozen base's time in the same round): each ratio pairs
+    two runs a few milliseconds apart, so slow drifts of the machine cancel."""
+    return statistics.median(t / f for t, f in zip(times, floor, strict=True))
+
+
+def median_of_runs(runs: list[list[dict]]) -> list[dict]:
+    """Per shape and column, the median of each ratio (and of the step time) over whole runs of the script."""
+    merged = []
+    for shape_runs in zip(*runs, strict=True):
+        rows = []
+        for row_runs in zip(*(r["rows"] for r in shape_runs), strict=True):
+            row = dict(row_runs[0])
+            for key in ("train_ms", "train_ratio", "train_pipelined_ratio", "infer_ratio"):
+                if row[key] is not None:
+                    row[key] = statistics.median(r[key] for r in row_runs)
+            rows.append(row)
+        merged.append({"shape": f"{shape_runs[0]['shape']} (median of {len(runs)} runs)", "rows": rows})
+    return merged
+
+
+def _without_options(argv: list[str], names: tuple[str, ...]) -> list[str]:
+    """argv less the options ``names`` and their values (``--name value`` or ``--name=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a in names:
+            skip = True
+        elif not a.startswith(tuple(f"{n}=" for n in names)):
+            out.append(a)
+    return out
+
+
+def runs_in_children(args: argparse.Namespace) -> list[dict]:
+    """``--runs N``: the whole benchmark N times, each in a fresh process, then the medians of their ratios."""
+    runs = []
+    for k in range(args.runs):
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "run.json")
+            cmd = [sys.executable, __file__, *_without_options(sys.argv[1:], ("--runs", "--json")), "--json", out]
+            print(f"run {k + 1} of {args.runs}", flush=True)
+            subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+            with open(out) as f:
+                runs.append(json.load(f))
+    return median_of_runs(runs)
 
 
 def column_peak(name: str, module: nn.Module, x: torch.Tensor, device: str, amp) -> float:
@@ -289,8 +337,11 @@ def main() -> None:
     parser.add_argument("--only", type=int, nargs="*", help="indices of the shapes to run")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
+    parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
+    parser.add_argument("--runs", type=int, default=1, help="whole runs, each in a fresh process; medians reported")
     parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     shapes = FULL_SHAPES if args.full_size else SHAPES
     indices = args.only if args.only else range(len(shapes))
     bench = functools.partial(
@@ -306,13 +357,20 @@ def main() -> None:
         print(json.dumps(bench(shapes[index], peaks_only=True)))
         return
     name = torch.cuda.get_device_name() if args.device.startswith("cuda") else f"cpu, {torch.get_num_threads()} threads"
-    print(f"device={args.device} ({name}) torch={torch.__version__} ranks={tuple(args.ranks)} autocast={args.autocast}")
-    results = []
-    for index in indices:
-        elsewhere = None if args.device.startswith("cuda") else peaks_in_child(args, index)
-        result = bench(shapes[index], peaks_elsewhere=elsewhere)
-        results.append(result)
-        print(markdown(result), "\n", flush=True)
+    print(
+        f"device={args.device} ({name}) torch={torch.__version__} ranks={tuple(args.ranks)} autocast={args.autocast}"
+        + (" cudnn.benchmark" if args.cudnn_benchmark else "")
+    )
+    if args.runs > 1:
+        results = runs_in_children(args)
+        print("\n\n".join(markdown(r) for r in results), flush=True)
+    else:
+        results = []
+        for index in indices:
+            elsewhere = None if args.device.startswith("cuda") else peaks_in_child(args, index)
+            result = bench(shapes[index], peaks_elsewhere=elsewhere)
+            results.append(result)
+            print(markdown(result), "\n", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=2)

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
-from tucker_lora.functional import ConvGeometry, MergedConv, small_kernel
+from tucker_lora.functional import AdaptedConv, ConvGeometry, small_kernel
 from tucker_lora.testing import saved_activation_bytes
 
 MODES = ["factored", "merged", "auto"]
@@ -93,8 +93,9 @@ def test_paths_match_reference_in_forward_and_every_gradient(mode, device, cfg, 
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("merge", [True, False], ids=["merged", "factored"])
 @pytest.mark.parametrize("pinned", [False, True])
-def test_merged_function_gradcheck(pinned, device):
+def test_adapted_conv_function_gradcheck(pinned, merge, device):
     torch.manual_seed(0)
     conv = nn.Conv3d(3, 4, (3, 2, 3), stride=(1, 2, 1), padding=(1, 0, 1), dilation=(1, 1, 2))
     conv = conv.to(device, torch.float64)
@@ -113,7 +114,7 @@ def test_merged_function_gradcheck(pinned, device):
     bias = conv.bias.detach().requires_grad_()
 
     def f(x, weight, bias, core, *factors):
-        return MergedConv.apply(x, weight, bias, g, 0.7, small_kernel(core, factors), factors[0], factors[1])
+        return AdaptedConv.apply(x, weight, bias, g, 0.7, merge, small_kernel(core, factors), factors[0], factors[1])
 
     assert torch.autograd.gradcheck(f, (x, weight, bias, core, *factors))
 
@@ -162,21 +163,26 @@ def test_frozen_modes_take_no_gradient_and_do_not_move(mode):
     assert all(not p.requires_grad for p in frozen.values())
 
 
-def test_merged_path_with_frozen_u_i_saves_only_the_projection():
+@pytest.mark.parametrize("mode", MODES)
+def test_frozen_u_i_saves_only_the_projections(mode):
+    """With U_i frozen the adapted conv keeps P = U_i^T x (r_i / I of x) and, factored, z = conv(P, K) (r_o / O
+    of y) for the backward, instead of x: less than the frozen base conv keeps on its own."""
     torch.manual_seed(0)
     base = nn.Conv3d(32, 32, 3, padding=1)
     x = torch.randn(1, 32, 4, 8, 8)
     frozen_base = saved_activation_bytes(lambda: base(x.requires_grad_()))
-    unfrozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), "merged")
-    frozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), "merged", freeze_modes=("i",))
-    x_bytes = x.numel() * x.element_size()
+    unfrozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), mode)
+    frozen = _adapt(copy.deepcopy(base), (4, 4, 1, 1, 1), mode, freeze_modes=("i",))
+    x_bytes = x.numel() * x.element_size()  # y has as many
     assert frozen_base >= x_bytes  # torch's conv keeps x even with a frozen weight
     # adapter-sized extras: the small kernel K (r_o, r_i, 3, 3, 3) and what autograd keeps to build K (core,
     # the kernel factors' Kronecker product), each at most K's size
     adapter_bytes = 2 * 4 * 4 * 27 * 4
-    assert saved_activation_bytes(lambda: unfrozen(x)) <= x_bytes + adapter_bytes
+    projections = x_bytes * (4 / 32 + 4 / 32)  # P, and z where the factored forward computed it
+    # unfrozen: x as well, for U_i's own gradient
+    assert saved_activation_bytes(lambda: unfrozen(x)) <= x_bytes + projections + adapter_bytes
     saved = saved_activation_bytes(lambda: frozen(x))
-    assert saved <= x_bytes * 4 / 32 + adapter_bytes, saved / x_bytes  # only P = U_i^T x: r_i / I of x
+    assert saved <= projections + adapter_bytes, saved / x_bytes
 
 
 @pytest.mark.parametrize("device", DEVICES)

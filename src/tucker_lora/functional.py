@@ -5,10 +5,14 @@ All give ``layer(x)`` with the weight ``W + alpha * dW``, ``dW = K x_1 U_o x_2 U
 
 - factored: ``base(x) + alpha * U_o . conv(U_i^T x, K)``; dW is never formed. The channel
   projections are batched matmuls and the update is added into the base output in place.
-- merged: one convolution with ``W + alpha * dW`` (``MergedConv``); its backward gets the input
-  gradient from the same merged weight and the adapter gradients from the projections
-  ``P = U_i^T x`` and ``Q = U_o^T dy`` and a small kernel-sized correlation, never forming the
-  O x I x k weight gradient. It saves ``x`` only when ``U_i`` trains, otherwise ``P`` alone.
+- merged: one convolution with ``W + alpha * dW``.
+- Both run, for one adapter in training, as one autograd node (``AdaptedConv``) with one backward:
+  the input gradient is the base weight's plus ``alpha * U_i conv_input(Q, K)``, and the adapter
+  gradients come from the projections ``P = U_i^T x``, ``Q = U_o^T dy`` and a small kernel-sized
+  correlation of the two: neither the merged weight nor the O x I x k weight gradient is formed
+  there. It saves ``x`` only when ``U_i`` trains, otherwise ``P`` alone.
+- eager (``factored_conv``, ``factored_linear``): the factored math through autograd, one adapter
+  at a time (Linear layers, adapter dropout, several active adapters).
 - module: the layer's own forward with its weight swapped (grouped convs, Conv subclasses that
   override ``forward``), always exact.
 
@@ -17,6 +21,7 @@ All give ``layer(x)`` with the weight ``W + alpha * dW``, ``dW = K x_1 U_o x_2 U
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,14 +69,19 @@ def merged_weight(
     return out.view(weight.shape)
 
 
-def channel_mix(x: torch.Tensor, M: torch.Tensor) -> torch.Tensor:
-    """``M x`` along the channel dim: x (N, C, *S), M (C', C) -> (N, C', *S), one batched matmul.
+def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+    """``M x`` along the channel dim: x (N, C, *S), M (C', C) -> (N, C', *S), one batched matmul;
+    with ``out`` (N, C', *S), ``out += alpha * M x`` in place (fused, ``baddbmm_``).
 
     Explicit ``bmm`` (not ``matmul``, whose algorithm depends on ``requires_grad``), so results are
     bitwise the same in training and inference.
     """
-    x3 = x.reshape(x.shape[0], x.shape[1], -1)
-    return torch.bmm(M.expand(x.shape[0], -1, -1), x3).view(x.shape[0], M.shape[0], *x.shape[2:])
+    N = x.shape[0]
+    x3, M3 = x.reshape(N, x.shape[1], -1), M.expand(N, -1, -1)
+    if out is None:
+        return torch.bmm(M3, x3).view(N, M.shape[0], *x.shape[2:])
+    out.view(N, M.shape[0], -1).baddbmm_(M3, x3, alpha=alpha)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- geometry
@@ -125,6 +135,18 @@ class ConvGeometry:
     def weight_grad(self, x: torch.Tensor, shape: torch.Size, dy: torch.Tensor) -> torch.Tensor:
         return _CONV_WEIGHT_GRAD[self.dims](x, shape, dy, self.stride, self.padding, self.dilation)
 
+    def grads(
+        self, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor, need_input: bool, need_weight: bool
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``(dx, dw)`` of ``conv(x, w)`` for the output gradient ``dy``, in one call (x's values are read only
+        for dw)."""
+        dims = self.dims
+        dx, dw, _ = torch.ops.aten.convolution_backward(
+            dy, x, w, None, self.stride, self.padding, self.dilation, False, (0,) * dims, 1,
+            (need_input, need_weight, False),
+        )  # fmt: skip
+        return dx, dw
+
 
 # ---------------------------------------------------------------------------------------------- paths
 def factored_linear(
@@ -160,71 +182,99 @@ def autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
 
-def _merged_output(x, weight, bias, geometry: ConvGeometry, alpha: float, K, U_o, U_i) -> torch.Tensor:
-    """``conv(x, W + alpha * K x_1 U_o x_2 U_i, b)``, computed without autograd (the same kernels in training
-    and inference)."""
+def _merged_output(x, weight, bias, geometry: ConvGeometry, Ka, U_o, U_i) -> torch.Tensor:
+    """``conv(x, W + Ka x_1 U_o x_2 U_i, b)`` (``Ka = alpha K``), computed without autograd (the same kernels in
+    training and inference)."""
     with torch.no_grad():
-        return geometry.conv(x, merged_weight(weight, K, U_o, U_i, alpha), bias)
+        return geometry.conv(x, merged_weight(weight, Ka, U_o, U_i, 1.0), bias)
 
 
-_K_ARG = 5  # position of the small kernel K in MergedConv.apply's arguments; U_o and U_i follow it
+def _factored_output(x, weight, bias, geometry: ConvGeometry, Ka, U_o, U_i):
+    """``(y, P, z)``: ``y = conv(x, W, b) + U_o z`` with ``z = conv(P, alpha K)``, ``P = U_i^T x`` (x already
+    prepared, ``Ka = alpha K``), without autograd."""
+    with torch.no_grad():
+        y = geometry.conv(x, weight, bias)
+        P = channel_mix(x, U_i.T.to(x.dtype))
+        z = geometry.conv(P, Ka.to(P.dtype))
+        return channel_mix(z, U_o.to(y.dtype), out=y), P, z
 
 
-class MergedConv(torch.autograd.Function):
-    """``conv(x, W + alpha * K x_1 U_o x_2 U_i, b)`` with a backward that never forms the O x I x k gradient.
+def _autocast(device_type: str, state: tuple[bool, torch.dtype]) -> contextlib.AbstractContextManager:
+    """Autocast as it was (``autocast_state``); no context at all when it was off."""
+    enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype) if enabled else contextlib.nullcontext()
 
-    Inputs: x (already padded by the geometry), the base weight and bias, the geometry, alpha, the
-    small kernel ``K`` (r_o, r_i, k...; autograd carries its gradient on to the core and the kernel
-    factors), ``U_o`` and ``U_i``.
+
+_K_ARG = 6  # position of the small kernel K in AdaptedConv.apply's arguments; U_o and U_i follow it
+
+
+class AdaptedConv(torch.autograd.Function):
+    """``conv(x, W + alpha * K x_1 U_o x_2 U_i, b)`` as one autograd node, forming neither the O x I x k
+    weight gradient nor (in the backward) the merged weight.
+
+    Inputs: x (already padded by the geometry), the base weight and bias, the geometry, alpha, ``merge``,
+    the small kernel ``K`` (r_o, r_i, k...; autograd carries its gradient on to the core and the kernel
+    factors), ``U_o`` and ``U_i``. The forward runs one convolution with the merged weight (``merge``) or
+    the base convolution plus ``U_o conv(U_i^T x, alpha K)`` (factored). The backward is the same for
+    both: with ``P = U_i^T x``, ``Q = U_o^T dy``, ``dP = conv_input(Q, alpha K)`` (alpha already in) and
+    ``z = conv(P, alpha K)``,
+
+        dx = conv_input(dy, W) + U_i dP     dK = alpha corr(P, Q)
+        dU_o = dy z^T                       dU_i = x dP^T
+
+    dP and dK come from one ``convolution_backward`` call. It saves ``x`` only when ``U_i`` (or W)
+    trains; otherwise ``P`` alone.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, geometry: ConvGeometry, alpha: float, K, U_o, U_i):  # type: ignore[override]
-        y = _merged_output(x, weight, bias, geometry, alpha, K, U_o, U_i)
+    def forward(ctx, x, weight, bias, geometry: ConvGeometry, alpha: float, merge: bool, K, U_o, U_i):  # type: ignore[override]
         need_K, need_U_o, need_U_i = ctx.needs_input_grad[_K_ARG:]
+        Ka = alpha * K
+        if merge:
+            y = _merged_output(x, weight, bias, geometry, Ka, U_o, U_i)
+            P = channel_mix(x, U_i.T.to(x.dtype)) if need_K or need_U_o else None
+            z = None
+        else:
+            y, P, z = _factored_output(x, weight, bias, geometry, Ka, U_o, U_i)
         keep_x = need_U_i or ctx.needs_input_grad[1]
-        P = channel_mix(x, U_i.T.to(x.dtype)) if (need_K or need_U_o) and not keep_x else None
         ctx.geometry, ctx.alpha = geometry, alpha
         ctx.x_shape, ctx.autocast = x.shape, autocast_state(x.device.type)
-        ctx.save_for_backward(x if keep_x else None, P, weight, K, U_o, U_i)
+        ctx.save_for_backward(x if keep_x else None, P, z if need_U_o else None, weight, Ka, U_o, U_i)
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, P, weight, K, U_o, U_i = ctx.saved_tensors
-        g, alpha = ctx.geometry, ctx.alpha
-        need = ctx.needs_input_grad
-        enabled, dtype = ctx.autocast
+        x, P, z, weight, Ka, U_o, U_i = ctx.saved_tensors
+        g, need = ctx.geometry, ctx.needs_input_grad
+        need_K, need_U_o, need_U_i = need[_K_ARG:]
         grads: list[torch.Tensor | None] = [None] * (_K_ARG + 3)
-        with torch.autocast(dy.device.type, dtype=dtype, enabled=enabled):
-            if need[0]:
-                merged = merged_weight(weight, K, U_o, U_i, alpha)
-                grads[0] = g.input_grad(ctx.x_shape, merged.to(dy.dtype), dy)
+        with _autocast(dy.device.type, ctx.autocast):
+            dtype = dy.dtype
+            Kd = Ka.to(dtype)
+            if need[0] or need_K or need_U_i:
+                Q = channel_mix(dy, U_o.T.to(dtype))  # (N, r_o, *S')
+                P_in = P.to(dtype) if P is not None else dy.new_empty(_projected_shape(ctx.x_shape, Ka))
+                dP, dK = g.grads(P_in, Kd, Q, need[0] or need_U_i, need_K)
+                if need_K:
+                    grads[_K_ARG] = (ctx.alpha * dK).to(Ka.dtype)
+            if need[0]:  # the merged weight's input gradient, without forming it
+                dx = g.input_grad(ctx.x_shape, weight.to(dtype), dy)
+                grads[0] = channel_mix(dP, U_i.to(dtype), out=dx)
             if need[1]:
-                grads[1] = g.weight_grad(x.to(dy.dtype), weight.shape, dy).to(weight.dtype)
+                grads[1] = g.weight_grad(x.to(dtype), weight.shape, dy).to(weight.dtype)
             if need[2]:
                 grads[2] = dy.sum(dim=[d for d in range(dy.ndim) if d != 1])
-            if any(need[_K_ARG:]):
-                grads[_K_ARG:] = _merged_adapter_grads(x, P, dy, g, alpha, K, U_o, U_i, need[_K_ARG:])
+            if need_U_o:
+                z = g.conv(P.to(dtype), Kd) if z is None else z
+                grads[_K_ARG + 1] = _batch_outer(dy, z.to(dtype)).to(U_o.dtype)
+            if need_U_i:
+                grads[_K_ARG + 2] = _batch_outer(x.to(dtype), dP).to(U_i.dtype)
         return tuple(grads)
 
 
-def _merged_adapter_grads(x, P, dy, g: ConvGeometry, alpha, K, U_o, U_i, need) -> list[torch.Tensor | None]:
-    """``[dK, dU_o, dU_i]`` from ``P = U_i^T x``, ``Q = U_o^T dy`` and a kernel-sized correlation of the two."""
-    dtype = dy.dtype
-    if P is None:
-        P = channel_mix(x, U_i.T.to(x.dtype))
-    P = P.to(dtype)
-    Kd = K.to(dtype)
-    Q = channel_mix(dy, U_o.T.to(dtype)) if need[0] or need[2] else None  # (N, r_o, *S')
-    dK = dU_o = dU_i = None
-    if need[0]:
-        dK = alpha * g.weight_grad(P, K.shape, Q).to(K.dtype)  # corr(P, Q): (r_o, r_i, k...)
-    if need[1]:  # dy z^T, z = conv(P, K)
-        dU_o = alpha * _batch_outer(dy, g.conv(P, Kd)).to(U_o.dtype)
-    if need[2]:  # x dP^T with dP = conv_input(Q, K)
-        dU_i = alpha * _batch_outer(x.to(dtype), g.input_grad(P.shape, Kd, Q)).to(U_i.dtype)
-    return [dK, dU_o, dU_i]
+def _projected_shape(x_shape: torch.Size, K: torch.Tensor) -> torch.Size:
+    """Shape of ``P = U_i^T x``: x's with r_i channels."""
+    return torch.Size((x_shape[0], K.shape[1], *x_shape[2:]))
 
 
 def _batch_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -235,15 +285,19 @@ def _batch_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.bmm(a.reshape(N, A, -1), b.reshape(N, B, -1).transpose(1, 2)).sum(0)
 
 
-def merged_conv(
+def adapted_conv(
     x: torch.Tensor,
     base: nn.Module,
     geometry: ConvGeometry,
     core: torch.Tensor,
     factors: Sequence[torch.Tensor],
     alpha: float,
+    merge: bool,
 ) -> torch.Tensor:
-    """A plain conv layer's output with ``W + alpha * dW`` through ``MergedConv`` (batched or not)."""
+    """A plain conv layer's output with ``W + alpha * dW``, merged or factored (batched input or not).
+
+    With autograd on, one ``AdaptedConv`` node; in inference the same forward kernels without it.
+    """
     unbatched = x.ndim == core.ndim - 1
     if unbatched:
         x = x.unsqueeze(0)
@@ -251,9 +305,11 @@ def merged_conv(
     K, U_o, U_i = small_kernel(core, factors), factors[0], factors[1]
     needs_graph = x.requires_grad or base.weight.requires_grad or K.requires_grad
     if torch.is_grad_enabled() and (needs_graph or U_o.requires_grad or U_i.requires_grad):
-        y = MergedConv.apply(x, base.weight, base.bias, geometry, alpha, K, U_o, U_i)
-    else:  # inference: the same numbers without the autograd Function
-        y = _merged_output(x, base.weight, base.bias, geometry, alpha, K, U_o, U_i)
+        y = AdaptedConv.apply(x, base.weight, base.bias, geometry, alpha, merge, K, U_o, U_i)
+    elif merge:
+        y = _merged_output(x, base.weight, base.bias, geometry, alpha * K, U_o, U_i)
+    else:
+        y = _factored_output(x, base.weight, base.bias, geometry, alpha * K, U_o, U_i)[0]
     return y.squeeze(0) if unbatched else y
 
 
@@ -267,18 +323,18 @@ def module_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: 
 #: and output activations together, per device type (measured with ``benchmarks/bench_layers.py``).
 #: On CUDA (H100) the factored path was faster on every layer shape of the benchmark, in training and in
 #: inference: the merged path's extra work is launch-bound there, so ``auto`` always takes the factored path.
-MERGED_WEIGHT_FACTOR = {"cpu": 1.0, "cuda": 0.0}
+MERGED_WEIGHT_FACTOR = {"cpu": 0.3, "cuda": 0.0}
 
 
 def choose_path(weight_numel: int, x_numel: int, y_numel: int, device_type: str = "cpu") -> str:
     """``"merged"`` or ``"factored"`` for one plain conv call.
 
-    merged pays for forming ``W + alpha * dW`` (a read and a write of the weight, in the forward and
-    again in the backward) and four reads of x / dy for the adapter gradients; factored pays about
-    eight passes over the full-size activations (projecting x, adding into y, their gradients and
-    the extra input gradient). Measured on CPU (``benchmarks/bench_layers.py``), merged wins when
-    the weight has fewer entries than the input and output activations together
-    (``MERGED_WEIGHT_FACTOR`` holds that factor per device type).
+    Both share one backward (``AdaptedConv``), so only the forwards differ. merged forms
+    ``W + alpha * dW``: a read and a write of the weight into a fresh allocation (on CPU a large one
+    page-faults, about one more pass), three to four weight-sized passes in all. factored projects x
+    (one pass over x) and adds ``alpha * U_o z`` into the base output in place (a read and a write of y).
+    With x and y alike, merged is cheaper when the weight is below about 3/8 of x + y; on CPU the
+    benchmark put the crossing a little lower, near 0.3 (``MERGED_WEIGHT_FACTOR``, per device type).
     """
     factor = MERGED_WEIGHT_FACTOR.get(device_type, 1.0)
     return "merged" if weight_numel < factor * (x_numel + y_numel) else "factored"

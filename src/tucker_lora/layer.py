@@ -18,10 +18,10 @@ from torch import nn
 
 from .functional import (
     ConvGeometry,
+    adapted_conv,
     choose_path,
     factored_conv,
     factored_linear,
-    merged_conv,
     module_forward,
 )
 from .tucker import MODES, ModeRanks, centre_tap, orthonormal, reconstruct, resolve_ranks
@@ -238,11 +238,11 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
                 base._conv_forward(self.tucker_lora_dropout[a](x), self.get_delta_weight(a), None) for a in active
             ]
             return base(*args, **kwargs) + sum(deltas)
-        if path == "merged":
+        if path in ("merged", "factored"):  # one adapter on a plain conv, no dropout: one autograd node
             (a,) = active
             core, factors = self._compute_tensors(a, x)
-            return merged_conv(x, base, self._geometry, core, factors, self.alpha[a])
-        result = base(*args, **kwargs)
+            return adapted_conv(x, base, self._geometry, core, factors, self.alpha[a], merge=path == "merged")
+        result = base(*args, **kwargs)  # "eager": Linear, dropout, several adapters
         for a in active:
             result = self._add_factored(result, a, x)
         return result
@@ -283,7 +283,8 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
                 )
 
     def _choose_path(self, x: torch.Tensor, active: list[str]) -> str:
-        """``"module"``, ``"merged"`` or ``"factored"`` for this call (``forward_mode`` and the cost model)."""
+        """``"module"``, ``"grouped"``, ``"merged"``, ``"factored"`` or ``"eager"`` (factored, one adapter at a
+        time through autograd) for this call, from ``forward_mode`` and the cost model."""
         base = self.get_base_layer()
         dropout_on = self.training and any(isinstance(self.tucker_lora_dropout[a], nn.Dropout) for a in active)
         if not self._plain:
@@ -292,8 +293,10 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             return "grouped" if dropout_on else "module"
         mode = self.forward_mode
         if isinstance(base, nn.Linear):
-            return "module" if mode == "merged" and not dropout_on else "factored"
-        if dropout_on or len(active) > 1 or mode == "factored":
+            return "module" if mode == "merged" and not dropout_on else "eager"
+        if dropout_on or len(active) > 1:
+            return "eager"
+        if mode == "factored":
             return "factored"
         if mode == "merged":
             return "merged"
