@@ -23,7 +23,7 @@ against steps per method), ``grid_<backbone>.png`` (A-base / B-target / B-base /
     python benchmarks/motion_experiment.py --quick --out outputs/motion_quick     # < 3 min: checks the pipeline
     python benchmarks/motion_experiment.py --out outputs/motion                   # the full run (CPU)
     python benchmarks/motion_experiment.py --device cuda --preset gpu --backbones unet3d --max_minutes 3 \
-        --out outputs/motion_gpu                                                  # H100, about 4 min
+        --out outputs/motion_gpu          # H100: pretraining (at most 3 min of training) + 3 min of runs
     python benchmarks/motion_experiment.py report outputs/motion                  # the tables of finished runs
 
 Helpers for ``make demo``: ``base`` (the pretrained UNet3D pipeline folder: pretrain once and cache),
