@@ -60,18 +60,17 @@ def _kernel_times_U_i(K: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
     return KI.reshape(r_o, -1)
 
 
-def merged_weight(
-    weight: torch.Tensor, K: torch.Tensor, U_o: torch.Tensor, U_i: torch.Tensor, alpha: float
-) -> torch.Tensor:
-    """``W + alpha * K x_1 U_o x_2 U_i`` in the weight's dtype, the last product fused with the sum (addmm)."""
-    KI = _kernel_times_U_i(K, U_i).to(weight.dtype)
-    out = torch.addmm(weight.reshape(weight.shape[0], -1), U_o.to(weight.dtype), KI, alpha=alpha)
+def merged_weight(weight: torch.Tensor, Ka: torch.Tensor, U_o: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
+    """``W + Ka x_1 U_o x_2 U_i`` (``Ka = alpha K``) in the weight's dtype, the last product fused with the sum
+    (addmm)."""
+    KI = _kernel_times_U_i(Ka, U_i).to(weight.dtype)
+    out = torch.addmm(weight.reshape(weight.shape[0], -1), U_o.to(weight.dtype), KI)
     return out.view(weight.shape)
 
 
-def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = None, alpha: float = 1.0) -> torch.Tensor:
+def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """``M x`` along the channel dim: x (N, C, *S), M (C', C) -> (N, C', *S), one batched matmul;
-    with ``out`` (N, C', *S), ``out += alpha * M x`` in place (fused, ``baddbmm_``).
+    with ``out`` (N, C', *S), ``out += M x`` in place (fused, ``baddbmm_``).
 
     Explicit ``bmm`` (not ``matmul``, whose algorithm depends on ``requires_grad``), so results are
     bitwise the same in training and inference.
@@ -80,7 +79,7 @@ def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = Non
     x3, M3 = x.reshape(N, x.shape[1], -1), M.expand(N, -1, -1)
     if out is None:
         return torch.bmm(M3, x3).view(N, M.shape[0], *x.shape[2:])
-    out.view(N, M.shape[0], -1).baddbmm_(M3, x3, alpha=alpha)
+    out.view(N, M.shape[0], -1).baddbmm_(M3, x3)
     return out
 
 
@@ -186,7 +185,7 @@ def _merged_output(x, weight, bias, geometry: ConvGeometry, Ka, U_o, U_i) -> tor
     """``conv(x, W + Ka x_1 U_o x_2 U_i, b)`` (``Ka = alpha K``), computed without autograd (the same kernels in
     training and inference)."""
     with torch.no_grad():
-        return geometry.conv(x, merged_weight(weight, Ka, U_o, U_i, 1.0), bias)
+        return geometry.conv(x, merged_weight(weight, Ka, U_o, U_i), bias)
 
 
 def _factored_output(x, weight, bias, geometry: ConvGeometry, Ka, U_o, U_i):
