@@ -1,8 +1,9 @@
 """Layer-level cost of Tucker-LoRA against the frozen base, peft LoRA, LyCORIS LoCon-Tucker and full fine-tuning.
 
-For each layer shape, in one process and interleaved round-robin (so machine noise hits every
-column alike), it times a training step (forward + backward with the input gradient, as for a
-layer inside a network; the adapter also gets its parameter gradients) and an inference forward,
+For each layer shape, in one process and interleaved in rounds (every column once per round, in a new
+random order each round, so machine drift and whatever the previous column left in the caches and the
+allocator hit every column alike), it times a training step (forward + backward with the input gradient,
+as for a layer inside a network; the adapter also gets its parameter gradients) and an inference forward,
 counts the bytes autograd saves for the backward (``saved_tensors_hooks``; deterministic), and measures
 the peak memory of a training step through four copies of the layer in a row (so each layer's input is
 kept alive only by what autograd saves; on CPU in a child process, see ``peaks_in_child``).
@@ -28,6 +29,7 @@ import gc
 import json
 import math
 import os
+import random
 import statistics
 import subprocess
 import sys
@@ -72,6 +74,12 @@ SHAPES = [
     Shape("Conv3d 1280x1280x(3,3,3), 4x4x4", lambda: nn.Conv3d(1280, 1280, 3, padding=1), (1, 1280, 4, 4, 4)),
     Shape("Conv2d 320x320x(3,3), 8 frames of 32x32", lambda: nn.Conv2d(320, 320, 3, padding=1), (8, 320, 32, 32)),
 ]
+#: A layer so small that its arithmetic is nothing: what each method costs per call on the host.
+TINY = Shape(
+    "Conv3d 16x16x(3,3,3), 4x4x4 (per-call overhead)", lambda: nn.Conv3d(16, 16, 3, padding=1), (1, 16, 4, 4, 4)
+)
+FULL_SHAPES.append(TINY)
+SHAPES.append(TINY)
 
 
 def n_trainable(module: nn.Module) -> int:
@@ -190,8 +198,12 @@ def bench_shape(
         dy = torch.randn_like(call(columns["frozen base"], x))
     train: dict[str, list[float]] = {name: [] for name in columns}
     infer: dict[str, list[float]] = {name: [] for name in columns}
+    order = random.Random(0)
     for i in range(warmup + repeats):
-        for name, module in columns.items():  # round-robin: drift hits every column alike
+        names = list(columns)
+        order.shuffle(names)  # each round in a new order: drift, and what the column before leaves, hit all alike
+        for name in names:
+            module = columns[name]
             sync(device)
             t0 = time.perf_counter()
             with amp:

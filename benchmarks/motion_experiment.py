@@ -15,13 +15,15 @@ frames tells the domains apart. Pixel space, 8 frames of 16x16.
    fine-tuning. Targets: the convolutions only; then with the attention / conditioning Linear layers too.
 3. Metrics: held-out denoising loss on B (fixed clips, timesteps and noise: deterministic) against steps;
    motion score of DDIM samples of B prompts (fraction moving in the prompt's direction, velocity error in
-   pixels per frame); trainable parameters, training wall time, peak memory. Mean and std over seeds.
+   pixels per frame); trainable parameters, training wall time, training memory (the peak that training adds over
+   the model and data at rest). Mean and std over seeds.
 
 Outputs in ``--out``: ``results.md`` (the table), ``results.json``, ``loss_<backbone>.png`` (held-out loss
 against steps per method), ``grid_<backbone>.png`` (A-base / B-target / B-base / each method).
 
     python benchmarks/motion_experiment.py --quick --out outputs/motion_quick     # < 3 min: checks the pipeline
-    python benchmarks/motion_experiment.py --out outputs/motion                   # the full run (CPU)
+    python benchmarks/motion_experiment.py --out outputs/motion                   # the full run (CPU, < 45 min)
+    python benchmarks/motion_experiment.py --preset cpu-long --out outputs/motion_long     # 2-3x the steps
     python benchmarks/motion_experiment.py --device cuda --preset gpu --backbones unet3d --max_minutes 3 \
         --out outputs/motion_gpu          # H100: pretraining (at most 3 min of training) + 3 min of runs
     python benchmarks/motion_experiment.py report outputs/motion                  # the tables of finished runs
@@ -132,7 +134,11 @@ CONV_METHODS = (
 )
 LINEAR_METHODS = ("tucker (4,4,0,1,1) +linear", "tucker (4,4,3,1,1) +linear", "LoRA ~ tucker (8,8,3,3,3) +linear")
 PRESETS: dict[str, Config] = {
-    "cpu": Config(methods=CONV_METHODS + LINEAR_METHODS),
+    # every method, three seeds, both backbones in about 40 min on a 2-core CPU (bases cached): a UNet3D step
+    # (batch 8) costs ~0.4 s there, a conv3d step ~0.05 s, so 33 runs of each at 100 / 300 steps
+    "cpu": Config(steps={"unet3d": 100, "conv3d": 300}, eval_every=25, methods=CONV_METHODS + LINEAR_METHODS),
+    # 3x the UNet3D steps and 2x the conv3d steps (about 2 h on the same CPU)
+    "cpu-long": Config(methods=CONV_METHODS + LINEAR_METHODS),
     "quick": Config(
         pretrain_steps={"unet3d": 30, "conv3d": 30},
         pretrain_batch={"unet3d": 8, "conv3d": 8},
@@ -149,7 +155,7 @@ PRESETS: dict[str, Config] = {
         inference_steps=3,
         methods=CONV_METHODS + LINEAR_METHODS[1:2],
     ),
-    # the CPU run's adaptation; the UNet3D pretrained with 4x the batch for up to 20k steps (at most 3 min of
+    # the cpu-long run's adaptation; the UNet3D pretrained with 4x the batch for up to 20k steps (at most 3 min of
     # training), 16 samples per run, and the methods that matter most first (seeds are the outer loop, so
     # --max_minutes keeps whole seeds of the first methods)
     "gpu": Config(
@@ -523,20 +529,38 @@ def _proc_kb(field_name: str) -> int:
     return 0
 
 
+def _release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``), so the resident size is what is in use
+    and a later rise of it is new memory, not the reuse of freed pages. No-op elsewhere."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
 @contextlib.contextmanager
 def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
-    """``{"peak_mb": ...}`` after the block: CUDA's max allocated, or (Linux) the process's peak RSS in the block."""
+    """``{"peak_mb": ...}`` after the block: the most memory the block added over what was in use when it began
+    (the model, the data): CUDA's max allocated less the allocated at the start, or (Linux) the process's peak
+    RSS in the block less its RSS at the start, with the free heap released first (``_release_free_heap``)."""
     out: dict[str, float] = {}
     if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
-    elif os.path.exists("/proc/self/clear_refs"):
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
+    else:
+        _release_free_heap()
+        start = _proc_kb("VmRSS") * 1024
+        if os.path.exists("/proc/self/clear_refs"):
+            with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # resets VmHWM to the current RSS
     yield out
     if device.type == "cuda":
-        out["peak_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
     else:
-        out["peak_mb"] = _proc_kb("VmHWM") / 1024
+        out["peak_mb"] = max(0, _proc_kb("VmHWM") * 1024 - start) / 2**20
 
 
 def optimizer_and_schedule(params: list[nn.Parameter], lr: float, steps: int, weight_decay: float) -> tuple:
@@ -762,6 +786,14 @@ def run_method(
     }
 
 
+def warm_up(base: nn.Module, backbone: str, cfg: Config, dom: Domain, device: torch.device) -> None:
+    """Two throwaway training steps of the first method, so that the first measured run does not pay (in time or
+    memory) for what the process sets up once: thread pools, kernel caches, allocator arenas."""
+    adapted = adapt(base, backbone, cfg.methods[0])
+    optim = optimizer_and_schedule(adapted.params, cfg.lr, 2, weight_decay=0.0)
+    train_steps(adapted.model, adapted.params, optim, dom.train_b, dom.text, device, 0, range(2), cfg.batch)
+
+
 def reference_runs(base: nn.Module, backbone: str, cfg: Config, dom: Domain, device: torch.device) -> list[dict]:
     """The base before adaptation: its motion on A prompts (what pretraining reached) and on B prompts."""
     rows = []
@@ -800,7 +832,7 @@ def markdown_table(rows: list[dict], backbone: str) -> str:
     """The results of one backbone in the shape of the paper's Table 3 (plus budgets and costs)."""
     lines = [
         "| method | r_t | trainable params | held-out loss on B | motion: direction correct "
-        "| velocity error (px/frame) | seeds | train wall (s) | peak memory (MB) |",
+        "| velocity error (px/frame) | seeds | train wall (s) | training memory (MB) |",
         "|---|---:|---:|---|---|---|---:|---:|---:|",
     ]
     for r in rows:
@@ -915,6 +947,8 @@ def run(
         base.requires_grad_(False)
         bases[backbone] = meta
         records += reference_runs(base, backbone, cfg, dom, device)
+        if cfg.methods:
+            warm_up(base, backbone, cfg, dom, device)
         for seed in cfg.seeds:
             for method in cfg.methods:
                 if max_minutes and time.perf_counter() - t_methods > 60 * max_minutes:

@@ -175,6 +175,20 @@ def test_matched_budget_baselines_are_within_5_percent_of_tucker(me, backbone, l
     assert ("Linear" in kinds) == linear
 
 
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_training_memory_is_what_the_block_adds_over_what_was_in_use(me):
+    device = torch.device("cpu")
+    resident = torch.ones(48 * 2**20 // 4)  # in use before the block: not counted
+    with me.peak_memory(device) as idle:
+        pass
+    with me.peak_memory(device) as used:
+        block = torch.ones(64 * 2**20 // 4)  # 64 MiB, written page by page
+        del block
+    assert idle["peak_mb"] < 8
+    assert 60 < used["peak_mb"] < 80, used
+    del resident
+
+
 def test_match_ranks_against_brute_force(me):
     shapes = {"a": (16, 16, 3, 3, 3), "b": (32, 16, 3, 3, 3), "c": (8, 32, 1, 1, 1)}
     for target in (2_000, 5_555, 12_345, 30_000):
