@@ -39,7 +39,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import ctypes
 import dataclasses
+import gc
 import hashlib
 import json
 import math
@@ -532,9 +534,6 @@ def _proc_kb(field_name: str) -> int:
 def _release_free_heap() -> None:
     """Return the C heap's free pages to the system (glibc ``malloc_trim``), so the resident size is what is in use
     and a later rise of it is new memory, not the reuse of freed pages. No-op elsewhere."""
-    import ctypes
-    import gc
-
     gc.collect()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
