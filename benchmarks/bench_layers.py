@@ -25,7 +25,6 @@ import argparse
 import contextlib
 import copy
 import functools
-import gc
 import json
 import math
 import os
@@ -44,6 +43,7 @@ from torch import nn
 
 from tucker_lora import TuckerLoraConfig
 from tucker_lora.testing import saved_activation_bytes
+from tucker_lora.video.metrics import peak_memory_added
 
 
 @dataclass(frozen=True)
@@ -133,14 +133,6 @@ def train_step(module: nn.Module, x: torch.Tensor, dy: torch.Tensor) -> None:
     y.backward(dy)
 
 
-def _proc_status_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise KeyError(field)
-
-
 STACK = 4
 
 
@@ -153,23 +145,13 @@ def stack_step(stack: list[nn.Module], x: torch.Tensor) -> None:
 
 
 def peak_step_mb(module: nn.Module, x: torch.Tensor, device: str) -> float:
-    """Peak memory a training step of ``STACK`` copies of the layer in a row adds: CUDA max allocated, or on
-    Linux the rise of the process's peak RSS (reset through ``/proc/self/clear_refs``) above the resident size
-    before the step. Only layers with as many outputs as inputs and stride 1 stack."""
+    """Peak memory a training step of ``STACK`` copies of the layer in a row adds (``peak_memory_added``: CUDA max
+    allocated, or on Linux the rise of the process's peak RSS above the resident size before the step). Only
+    layers with as many outputs as inputs and stride 1 stack."""
     stack = [copy.deepcopy(module) for _ in range(STACK)]
-    gc.collect()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-        before = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
+    with peak_memory_added(torch.device(device)) as mem:
         stack_step(stack, x)
-        torch.cuda.synchronize()
-        return (torch.cuda.max_memory_allocated() - before) / 2**20
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = _proc_status_kb("VmRSS")
-    stack_step(stack, x)
-    return (_proc_status_kb("VmHWM") - before) / 1024
+    return mem["peak_mb"]
 
 
 def bench_shape(

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import resource
 import statistics
 import subprocess
 import sys
 import time
 
 import torch
+
+from tucker_lora.video.metrics import peak_memory_mb
 
 METHODS = ["frozen", "tucker (4,4,1,1,1)", "tucker (8,8,3,1,1)", "peft LoRA (matched)", "full fine-tuning"]
 TARGETS = r".*(temp_convs\.\d+\.conv(1\.2|\d\.3)|resnets\.\d+\.conv\d)"
@@ -111,10 +112,7 @@ def worker(args: argparse.Namespace) -> None:
             torch.cuda.synchronize()
         if step >= args.warmup:
             times.append(time.perf_counter() - t0)
-    if device.startswith("cuda"):
-        peak_mb = torch.cuda.max_memory_allocated() / 2**20
-    else:
-        peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak_mb = peak_memory_mb(torch.device(device))
     print(
         json.dumps(
             {

@@ -37,21 +37,17 @@ Helpers for ``make demo``: ``base`` (the pretrained UNet3D pipeline folder: pret
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
-import ctypes
 import dataclasses
-import gc
 import hashlib
 import json
 import math
-import os
 import re
 import shutil
 import statistics
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -61,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tucker_lora.video.metrics import peak_memory_added
 from tucker_lora.video.motion import LAWS, MotionDomainDataset, estimate_motion, law_velocity, motion_score
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -523,45 +520,6 @@ def generate(
     return ((x.float().cpu() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 4, 1).numpy()
 
 
-def _proc_kb(field_name: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _release_free_heap() -> None:
-    """Return the C heap's free pages to the system (glibc ``malloc_trim``), so the resident size is what is in use
-    and a later rise of it is new memory, not the reuse of freed pages. No-op elsewhere."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@contextlib.contextmanager
-def peak_memory(device: torch.device) -> Iterator[dict[str, float]]:
-    """``{"peak_mb": ...}`` after the block: the most memory the block added over what was in use when it began
-    (the model, the data): CUDA's max allocated less the allocated at the start, or (Linux) the process's peak
-    RSS in the block less its RSS at the start, with the free heap released first (``_release_free_heap``)."""
-    out: dict[str, float] = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _release_free_heap()
-        start = _proc_kb("VmRSS") * 1024
-        if os.path.exists("/proc/self/clear_refs"):
-            with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS
-    yield out
-    if device.type == "cuda":
-        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
-    else:
-        out["peak_mb"] = max(0, _proc_kb("VmHWM") * 1024 - start) / 2**20
-
-
 def optimizer_and_schedule(params: list[nn.Parameter], lr: float, steps: int, weight_decay: float) -> tuple:
     """AdamW and a cosine learning-rate schedule over ``steps`` with a 5% linear warm-up."""
     from diffusers.optimization import get_scheduler
@@ -763,7 +721,7 @@ def run_method(
     wall, peak = 0.0, 0.0
     for start in range(0, steps, cfg.eval_every):
         chunk = range(start, min(start + cfg.eval_every, steps))
-        with peak_memory(device) as mem:
+        with peak_memory_added(device) as mem:
             wall += train_steps(
                 adapted.model, adapted.params, optim, dom.train_b, dom.text, device, seed, chunk, cfg.batch
             )
