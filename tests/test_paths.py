@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
-from tucker_lora.functional import AdaptedConv, ConvGeometry, small_kernel
+from tucker_lora.functional import AdaptedConv, ConvGeometry
 from tucker_lora.testing import saved_activation_bytes
 
 MODES = ["factored", "merged", "auto"]
@@ -114,7 +114,7 @@ def test_adapted_conv_function_gradcheck(pinned, merge, device):
     bias = conv.bias.detach().requires_grad_()
 
     def f(x, weight, bias, core, *factors):
-        return AdaptedConv.apply(x, weight, bias, g, 0.7, merge, small_kernel(core, factors), factors[0], factors[1])
+        return AdaptedConv.apply(x, weight, bias, g, 0.7, merge, core, *factors)
 
     assert torch.autograd.gradcheck(f, (x, weight, bias, core, *factors))
 

@@ -19,6 +19,7 @@ pytest.importorskip("diffusers")
 av = pytest.importorskip("av")
 
 from peft import get_peft_model  # noqa: E402
+from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from tucker_lora.video import InputError  # noqa: E402
@@ -375,8 +376,10 @@ def test_merged_and_unmerged_sampling_agree(tmp_path):
             ["--adapter", str(out / "adapter"), "--num_frames", "3", "--num_inference_steps", "2"]
             + ["--prompts", "a red circle moving left", "--output_dir", str(tmp_path / f"s{len(merge)}"), *merge]
         )
-        videos[bool(merge)] = read_frames(result["videos"][0], 3).astype(int)
-    assert np.abs(videos[True] - videos[False]).max() <= 2  # same video up to float rounding (and the codec)
+        videos[bool(merge)] = np.asarray(Image.open(result["grid"]).convert("RGB")).astype(int)
+    # the frame grid is a lossless PNG: the same frames up to float rounding (the MP4 codec would turn a
+    # one-level change of a pixel into a different block decision, up to a dozen levels)
+    assert np.abs(videos[True] - videos[False]).max() <= 2
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):

@@ -94,6 +94,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             setattr(self, factor_attr(mode), nn.ParameterDict())
         self.tucker_lora_dropout = nn.ModuleDict()
         self.mode_ranks: dict[str, ModeRanks] = {}
+        self._centre_taps: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
         self.alpha: dict[str, float] = {}
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
@@ -176,8 +177,11 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         core = self.tucker_lora_core[adapter_name]
         out = []
         for mode, dim, pinned in zip(mr.modes, mr.dims, mr.pinned, strict=True):
-            if pinned:
-                out.append(centre_tap(dim, core.device, core.dtype))
+            if pinned:  # a constant: built once per size, device and dtype (each build is several ops)
+                key = (dim, core.device, core.dtype)
+                if key not in self._centre_taps:
+                    self._centre_taps[key] = centre_tap(dim, core.device, core.dtype)
+                out.append(self._centre_taps[key])
             else:
                 out.append(getattr(self, factor_attr(mode))[adapter_name])
         return out
