@@ -282,7 +282,7 @@ class AdaptedConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, geometry: ConvGeometry, alpha: float, merge: bool, core, U_o, U_i, *kernel):  # type: ignore[override]
         need = ctx.needs_input_grad
-        need_K = any(need[_CORE_ARG : _CORE_ARG + 1]) or any(need[_CORE_ARG + 3 :])
+        need_K = need[_CORE_ARG] or any(need[_CORE_ARG + 3 :])  # the core or a kernel factor trains
         need_U_o, need_U_i = need[_CORE_ARG + 1], need[_CORE_ARG + 2]
         Ka, chain = scaled_kernel(core, kernel, alpha)
         ctx.n_kernel = len(kernel)
@@ -310,8 +310,8 @@ class AdaptedConv(torch.autograd.Function):
         with _autocast(dy.device.type, ctx.autocast):
             dtype = dy.dtype
             Kd = _as(Ka, dtype)
-            # in an order that reads each large tensor while it is still in cache: dy for Q and dU_o,
-            # x right after dP for dU_i, dx right after the base's input gradient writes it
+            # ordered so that each large tensor is read again soon after its last use (dy for Q and dU_o,
+            # dx right after the base's input gradient writes it), while it may still be in cache
             if need[0] or ctx.need_K or need_U_i:
                 Q = channel_mix(dy, _as(U_o.T, dtype))  # (N, r_o, *S')
             if need_U_o:
