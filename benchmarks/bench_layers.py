@@ -17,6 +17,7 @@ Baselines get the trainable parameter count nearest to Tucker's: peft LoRA rank 
     python benchmarks/bench_layers.py --runs 3       # three fresh processes, medians of their ratios
     python benchmarks/bench_layers.py --full-size    # the issue's sizes (GPU)
     python benchmarks/bench_layers.py --device cuda --full-size --json out.json
+    python benchmarks/bench_layers.py --compile reduce-overhead   # every column under torch.compile
 """
 
 from __future__ import annotations
@@ -119,6 +120,14 @@ def build_columns(shape: Shape, ranks: tuple[int, ...], device: str) -> dict[str
     return columns
 
 
+def compiled(module: nn.Module, mode: str) -> nn.Module:
+    """The column's layer under ``torch.compile(mode=mode)`` (its parameters shared with ``module``): what is
+    left of each method's cost once the host no longer issues its ops one by one."""
+    if isinstance(module, nn.ModuleDict):
+        return nn.ModuleDict({"layer": torch.compile(module["layer"], mode=mode), "adapter": module["adapter"]})
+    return torch.compile(module, mode=mode)
+
+
 def call(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return module["layer"](x) if isinstance(module, nn.ModuleDict) else module(x)
 
@@ -163,6 +172,7 @@ def bench_shape(
     autocast: str = "none",
     peaks_only: bool = False,
     peaks_elsewhere: Callable[[], dict[str, float]] | None = None,
+    compile_mode: str | None = None,
 ) -> dict:
     """Times, saved bytes and peaks of every column on one shape (``peaks_only``: just ``{column: peak MB}``).
     ``peaks_elsewhere`` gives the peaks from another process (CPU: measured under a malloc setting that
@@ -178,6 +188,7 @@ def bench_shape(
         return {name: column_peak(name, module, x, device, amp) for name, module in columns.items()}
     with torch.no_grad():
         dy = torch.randn_like(call(columns["frozen base"], x))
+    timed = {n: compiled(m, compile_mode) for n, m in columns.items()} if compile_mode else columns
     train: dict[str, list[float]] = {name: [] for name in columns}
     infer: dict[str, list[float]] = {name: [] for name in columns}
     order = random.Random(0)
@@ -185,7 +196,7 @@ def bench_shape(
         names = list(columns)
         order.shuffle(names)  # each round in a new order: drift, and what the column before leaves, hit all alike
         for name in names:
-            module = columns[name]
+            module = timed[name]
             sync(device)
             t0 = time.perf_counter()
             with amp:
@@ -203,7 +214,7 @@ def bench_shape(
                 infer[name].append(t2 - t1)
     pipelined = {}
     if device.startswith("cuda"):  # steps queued back to back, one sync: the GPU's own time where it is the bottleneck
-        for name, module in columns.items():
+        for name, module in timed.items():
             sync(device)
             t0 = time.perf_counter()
             with amp:
@@ -228,7 +239,9 @@ def bench_shape(
                 "peak_mb": peak[name],
             }
         )
-    return {"shape": shape.name + ("" if autocast == "none" else f", autocast {autocast}"), "rows": rows}
+    suffix = "" if autocast == "none" else f", autocast {autocast}"
+    suffix += f", compiled ({compile_mode})" if compile_mode else ""
+    return {"shape": shape.name + suffix, "rows": rows}
 
 
 def paired_ratio(times: list[float], floor: list[float]) -> float:
@@ -333,6 +346,14 @@ def main() -> None:
     parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
     parser.add_argument("--cudnn-benchmark", action="store_true", help="let cuDNN time its algorithms per shape")
     parser.add_argument("--runs", type=int, default=1, help="whole runs, each in a fresh process; medians reported")
+    parser.add_argument(
+        "--compile",
+        nargs="?",
+        const="default",
+        choices=("default", "reduce-overhead", "max-autotune"),
+        help="time every column under torch.compile (mode; reduce-overhead adds CUDA graphs on a GPU); the first "
+        "--warmup rounds include the compilation",
+    )
     parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
@@ -345,6 +366,7 @@ def main() -> None:
         repeats=args.repeats,
         warmup=args.warmup,
         autocast=args.autocast,
+        compile_mode=args.compile,
     )
     if args.peaks_only:
         (index,) = indices

@@ -2,6 +2,8 @@
 # The CUDA checks and GPU tables of the README, sized for a few minutes each on one H100:
 #   tests      the compute paths against F.conv*d on CUDA (tests/test_paths.py, the cuda cases)
 #   layers     the layer table (benchmarks/bench_layers.py), fp32, cuDNN's default algorithms and timed ones
+#   compiled   the layer table with every column under torch.compile(mode="reduce-overhead") (CUDA graphs):
+#              each method's cost once the host no longer issues its ops one by one (not yet run on a GPU)
 #   unet       the end-to-end UNet3D table (benchmarks/bench_unet.py)
 #   fsdp       FSDP2 against DDP and one plain process (benchmarks/bench_fsdp.py)
 #   motion     the temporal-rank experiment, GPU preset, UNet3D backbone (benchmarks/motion_experiment.py):
@@ -31,6 +33,12 @@ if want layers; then
             --json "$OUT/$name.json" > "$OUT/$name.md" 2>&1
         grep -E "^\*\*|tucker|frozen base|LoRA|LyCORIS|full" "$OUT/$name.md"
     done
+fi
+if want compiled; then
+    step "layer table, fp32, torch.compile reduce-overhead"
+    timeout 300 $PY benchmarks/bench_layers.py --device cuda --full-size --repeats 21 --warmup 5 \
+        --compile reduce-overhead --json "$OUT/layers_fp32_compiled.json" > "$OUT/layers_fp32_compiled.md" 2>&1
+    grep -E "^\*\*|tucker|frozen base|LoRA|LyCORIS|full" "$OUT/layers_fp32_compiled.md"
 fi
 if want unet; then
     step "end-to-end UNet3D, fp32"
