@@ -51,9 +51,16 @@ def small_kernel(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> torch.T
     return core if core.ndim == 2 else scaled_kernel(core, factors[2:], 1.0)[0]
 
 
-def kernel_basis(kernel_factors: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``B = U_t kron U_h kron U_w`` (prod k_n, prod r_n): the kernel-mode factors as one matrix."""
-    return kron_chain(kernel_factors)[0]
+def scaled_kernel(
+    core: torch.Tensor, kernel: Sequence[torch.Tensor], alpha: float
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(alpha K, kron_chain(kernel))``: ``alpha K = alpha G_(12) B^T`` as (r_o, r_i, k_t, k_h, k_w), with
+    ``B = U_t kron U_h kron U_w`` the chain's first entry. Training and inference both build it here, so
+    their outputs agree bitwise."""
+    chain = kron_chain(kernel)
+    r_o, r_i = core.shape[:2]
+    K = torch.mm(core.reshape(r_o * r_i, -1), chain[0].T)
+    return (K if alpha == 1 else K.mul_(alpha)).view(r_o, r_i, *(U.shape[0] for U in kernel)), chain
 
 
 def kron_chain(factors: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -248,18 +255,6 @@ def _autocast(device_type: str, state: tuple[bool, torch.dtype]) -> contextlib.A
 _CORE_ARG = 6  # position of the core in AdaptedConv.apply's arguments; the factors U_o, U_i, U_t... follow it
 
 
-def scaled_kernel(
-    core: torch.Tensor, kernel: Sequence[torch.Tensor], alpha: float
-) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """``(alpha K, kron_chain(kernel))``: ``alpha K = alpha G_(12) B^T`` as (r_o, r_i, k_t, k_h, k_w), ``B`` the
-    chain's first entry.
-    Training and inference both build it here, so their outputs agree bitwise."""
-    chain = kron_chain(kernel)
-    r_o, r_i = core.shape[:2]
-    K = torch.mm(core.reshape(r_o * r_i, -1), chain[0].T)
-    return (K if alpha == 1 else K.mul_(alpha)).view(r_o, r_i, *(U.shape[0] for U in kernel)), chain
-
-
 class AdaptedConv(torch.autograd.Function):
     """``conv(x, W + alpha * G x_1 U_o x_2 U_i x_3 U_t ..., b)`` as one autograd node, forming neither the
     O x I x k weight gradient nor (in the backward) the merged weight.
@@ -369,11 +364,12 @@ def _batch_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     that way round (A = 320-640 channels, B = 4), which pays for the copy autograd then makes of the
     transposed gradient. On a GPU the two orientations take about the same time, and the copy would be one
     more op to issue, so there it is ``a b^T`` as written."""
+    return _outer(b, a).T if a.device.type == "cpu" else _outer(a, b)
+
+
+def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_{n, s} a[n, :, s] b[n, :, s]^T`` as one (batched) matmul."""
     N, A, B = a.shape[0], a.shape[1], b.shape[1]
-    if a.device.type == "cpu":
-        if N == 1:
-            return torch.mm(b.reshape(B, -1), a.reshape(A, -1).T).T
-        return torch.bmm(b.reshape(N, B, -1), a.reshape(N, A, -1).transpose(1, 2)).sum(0).T
     if N == 1:
         return torch.mm(a.reshape(A, -1), b.reshape(B, -1).T)
     return torch.bmm(a.reshape(N, A, -1), b.reshape(N, B, -1).transpose(1, 2)).sum(0)
