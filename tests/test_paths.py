@@ -164,6 +164,27 @@ def test_frozen_modes_take_no_gradient_and_do_not_move(mode):
 
 
 @pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("frozen", [("i",), ("o", "t", "h", "w"), "all"])
+def test_frozen_modes_input_and_parameter_gradients_match_reference(mode, frozen):
+    """Frozen factors change what the backward keeps (no x without U_i, no P without the core, kernel and U_o);
+    the input gradient and the gradients of what still trains stay exact."""
+    torch.manual_seed(0)
+    base = nn.Conv3d(5, 6, 3, padding=1).double()
+    freeze = () if frozen == "all" else frozen
+    layer = _adapt(base, (3, 2, 2, 2, 2), mode, freeze_modes=freeze).double()
+    if frozen == "all":  # the adapter as a fixed part of the model, gradients wanted for the input only
+        layer.requires_grad_(False)
+    x = torch.randn(2, 5, 3, 5, 5, dtype=torch.float64, requires_grad=True)
+    params = list(_adapter_params(layer).values())
+    y = layer(x)
+    ref = _reference(base, x, base.weight + layer.get_delta_weight("default"))
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    dy = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [x, *params], dy), torch.autograd.grad(ref, [x, *params], dy), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
+@pytest.mark.parametrize("mode", MODES)
 def test_frozen_u_i_saves_only_the_projections(mode):
     """With U_i frozen the adapted conv keeps P = U_i^T x (r_i / I of x) and, factored, z = conv(P, K) (r_o / O
     of y) for the backward, instead of x: less than the frozen base conv keeps on its own."""
@@ -219,6 +240,6 @@ def test_gradient_checkpointing(mode):
 
 def test_auto_picks_by_shape():
     big_weight = _adapt(nn.Conv3d(64, 64, 3, padding=1), (4, 4, 1, 1, 1), "auto")
-    assert big_weight._choose_path(torch.randn(1, 64, 2, 2, 2), ["default"]) == "factored"
+    assert big_weight._choose_path(torch.randn(1, 64, 2, 2, 2), big_weight.get_base_layer(), ["default"]) == "factored"
     big_input = _adapt(nn.Conv3d(8, 8, 3, padding=1), (4, 4, 1, 1, 1), "auto")
-    assert big_input._choose_path(torch.randn(1, 8, 8, 16, 16), ["default"]) == "merged"
+    assert big_input._choose_path(torch.randn(1, 8, 8, 16, 16), big_input.get_base_layer(), ["default"]) == "merged"

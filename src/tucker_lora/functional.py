@@ -32,6 +32,7 @@ from torch import nn
 
 _CONV = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 _CONV_WEIGHT_GRAD = {1: nn.grad.conv1d_weight, 2: nn.grad.conv2d_weight, 3: nn.grad.conv3d_weight}
+_ZEROS = {1: (0,), 2: (0, 0), 3: (0, 0, 0)}  # output_padding of convolution_backward, per dims
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -88,6 +89,11 @@ def kron_grads(
             break
         S = chain[n + 1]
         (k, r), (k_S, r_S) = U.shape, S.shape
+        if r == r_S == 1:  # rank-one modes (the default kernel ranks): D is the (k, k_S) matrix dB as it stands
+            D = dB.view(k, k_S)
+            grads.append(torch.mm(D, S) if needs[n] else None)
+            dB = torch.mm(D.T, U) if any(needs[n + 1 :]) else dB
+            continue
         D = dB.view(k, k_S, r, r_S)
         grads.append(torch.mv(D.permute(0, 2, 1, 3).reshape(k * r, -1), S.reshape(-1)).view(k, r) if needs[n] else None)
         if any(needs[n + 1 :]):
@@ -174,11 +180,11 @@ class ConvGeometry:
     def conv(self, x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         return _CONV[self.dims](x, w, bias, self.stride, self.padding, self.dilation)
 
-    def input_grad(self, shape: torch.Size, w: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
-        dims = self.dims
-        empty = dy.new_empty(shape)  # only its shape is read
+    def input_grad(self, x: torch.Tensor, w: torch.Tensor, dy: torch.Tensor) -> torch.Tensor:
+        """``dx`` of ``conv(x, w)`` for the output gradient ``dy``; only x's shape is read (x may be any tensor of
+        that shape and dtype)."""
         return torch.ops.aten.convolution_backward(
-            dy, empty, w, None, self.stride, self.padding, self.dilation, False, (0,) * dims, 1, (True, False, False)
+            dy, x, w, None, self.stride, self.padding, self.dilation, False, _ZEROS[self.dims], 1, (True, False, False)
         )[0]
 
     def weight_grad(self, x: torch.Tensor, shape: torch.Size, dy: torch.Tensor) -> torch.Tensor:
@@ -189,9 +195,8 @@ class ConvGeometry:
     ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """``(dx, dw)`` of ``conv(x, w)`` for the output gradient ``dy``, in one call (x's values are read only
         for dw)."""
-        dims = self.dims
         dx, dw, _ = torch.ops.aten.convolution_backward(
-            dy, x, w, None, self.stride, self.padding, self.dilation, False, (0,) * dims, 1,
+            dy, x, w, None, self.stride, self.padding, self.dilation, False, _ZEROS[self.dims], 1,
             (need_input, need_weight, False),
         )  # fmt: skip
         return dx, dw
@@ -318,7 +323,8 @@ class AdaptedConv(torch.autograd.Function):
             if need_U_i:
                 grads[_CORE_ARG + 2] = _as(_batch_outer(_as(x, dtype), dP), U_i.dtype)
             if need[0]:  # the merged weight's input gradient, without forming it
-                dx = g.input_grad(ctx.x_shape, _as(weight, dtype), dy)
+                x_like = x if x is not None and x.dtype == dtype else dy.new_empty(ctx.x_shape)
+                dx = g.input_grad(x_like, _as(weight, dtype), dy)
                 grads[0] = channel_mix(dP, _as(U_i, dtype), out=dx)
             if need[1]:
                 grads[1] = _as(g.weight_grad(_as(x, dtype), weight.shape, dy), weight.dtype)

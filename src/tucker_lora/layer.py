@@ -74,7 +74,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
     """Wraps a frozen base layer and adds ``alpha * dW`` of each active Tucker adapter."""
 
     adapter_layer_names = ("tucker_lora_core",) + tuple(factor_attr(m) for m in MODES)
-    other_param_names = ("mode_ranks", "alpha", "tucker_lora_dropout")
+    other_param_names = ("mode_ranks", "alpha", "tucker_lora_dropout", "_factor_sources")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str = "", **kwargs: Any) -> None:
         super().__init__()
@@ -92,6 +92,9 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         self.tucker_lora_core = nn.ParameterDict()
         for mode in MODES:
             setattr(self, factor_attr(mode), nn.ParameterDict())
+        # per adapter, what ``factors`` reads for each mode: the mode's ParameterDict, or None for a pinned mode
+        # (a plain attribute, so the per-call path does no module attribute lookups to find them)
+        self._factor_sources: dict[str, list[tuple[Optional[nn.ParameterDict], int]]] = {}
         self.tucker_lora_dropout = nn.ModuleDict()
         self.mode_ranks: dict[str, ModeRanks] = {}
         self._centre_taps: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
@@ -134,6 +137,10 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
                 stacklevel=2,
             )
         self.mode_ranks[adapter_name] = mr
+        self._factor_sources[adapter_name] = [
+            (None if pinned else getattr(self, factor_attr(mode)), dim)
+            for mode, dim, pinned in zip(mr.modes, mr.dims, mr.pinned, strict=True)
+        ]
         self.alpha[adapter_name] = float(alpha)
         self.tucker_lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.tucker_lora_core[adapter_name] = nn.Parameter(torch.zeros(mr.ranks))
@@ -173,18 +180,22 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
 
     def factors(self, adapter_name: str) -> list[torch.Tensor]:
         """``[U_o, U_i, (U_t, U_h,) U_w]`` of the adapter, pinned modes as their centre-tap one-hot."""
-        mr = self.mode_ranks[adapter_name]
-        core = self.tucker_lora_core[adapter_name]
-        out = []
-        for mode, dim, pinned in zip(mr.modes, mr.dims, mr.pinned, strict=True):
-            if pinned:  # a constant: built once per size, device and dtype (each build is several ops)
-                key = (dim, core.device, core.dtype)
-                if key not in self._centre_taps:
-                    self._centre_taps[key] = centre_tap(dim, core.device, core.dtype)
-                out.append(self._centre_taps[key])
-            else:
-                out.append(getattr(self, factor_attr(mode))[adapter_name])
-        return out
+        return self._factors(adapter_name, self.tucker_lora_core[adapter_name])
+
+    def _factors(self, adapter_name: str, core: torch.Tensor) -> list[torch.Tensor]:
+        return [
+            self._centre_tap(dim, core) if params is None else params[adapter_name]
+            for params, dim in self._factor_sources[adapter_name]
+        ]
+
+    def _centre_tap(self, dim: int, like: torch.Tensor) -> torch.Tensor:
+        """The constant factor of a pinned mode of size ``dim``: built once per size, device and dtype (each
+        build is several ops)."""
+        key = (dim, like.device, like.dtype)
+        tap = self._centre_taps.get(key)
+        if tap is None:
+            tap = self._centre_taps[key] = centre_tap(dim, like.device, like.dtype)
+        return tap
 
     def get_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """``alpha * dW = alpha * G x_1 U_o ... x_N U_N``, in the base weight's shape and dtype."""
@@ -226,14 +237,14 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         """``base(x)`` plus each active adapter's ``alpha * dW * x``; keyword calls (``input=x``) included."""
         base = self.get_base_layer()
-        x = _first_input(args, kwargs)
-        active = [] if self.disable_adapters or self.merged else self._active()
+        x = args[0] if args else _first_input(args, kwargs)
+        active = [] if self._disable_adapters or self.merged_adapters else self._active()
         self._refuse_meta(x, base, active)
-        if self.disable_adapters and self.merged:
+        if self._disable_adapters and self.merged_adapters:
             self.unmerge()
         if not active:
             return base(*args, **kwargs)
-        path = self._choose_path(x, active)
+        path = self._choose_path(x, base, active)
         if path == "module":
             weight = base.weight + sum(self.get_delta_weight(a) for a in active)
             return module_forward(base, weight, args, kwargs)
@@ -253,7 +264,8 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
 
     def _compute_tensors(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Core and factors in the dtype the layer computes in: x's, for low-precision inputs (fp32 params)."""
-        core, factors = self.tucker_lora_core[adapter_name], self.factors(adapter_name)
+        core = self.tucker_lora_core[adapter_name]
+        factors = self._factors(adapter_name, core)
         if x.dtype != core.dtype and x.is_floating_point():
             core, factors = core.to(x.dtype), [U.to(x.dtype) for U in factors]
         return core, factors
@@ -286,24 +298,20 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
                     "with low_cpu_mem_usage and never loaded?); load its state dict before running the model"
                 )
 
-    def _choose_path(self, x: torch.Tensor, active: list[str]) -> str:
+    def _choose_path(self, x: torch.Tensor, base: nn.Module, active: list[str]) -> str:
         """``"module"``, ``"grouped"``, ``"merged"``, ``"factored"`` or ``"eager"`` (factored, one adapter at a
         time through autograd) for this call, from ``forward_mode`` and the cost model."""
-        base = self.get_base_layer()
-        dropout_on = self.training and any(isinstance(self.tucker_lora_dropout[a], nn.Dropout) for a in active)
         if not self._plain:
             return "module"
-        if getattr(base, "groups", 1) > 1:
+        dropout_on = self.training and any(isinstance(self.tucker_lora_dropout[a], nn.Dropout) for a in active)
+        if self._geometry is None:  # a Linear
+            return "module" if self.forward_mode == "merged" and not dropout_on else "eager"
+        if base.groups > 1:
             return "grouped" if dropout_on else "module"
-        mode = self.forward_mode
-        if isinstance(base, nn.Linear):
-            return "module" if mode == "merged" and not dropout_on else "eager"
         if dropout_on or len(active) > 1:
             return "eager"
-        if mode == "factored":
-            return "factored"
-        if mode == "merged":
-            return "merged"
+        if self.forward_mode != "auto":
+            return self.forward_mode
         weight = base.weight
         y_numel = x.numel() // weight.shape[1] * weight.shape[0]  # stride-1 estimate of the output size
         return choose_path(weight.numel(), x.numel(), y_numel, x.device.type)
