@@ -1,10 +1,20 @@
-"""Shared toy models for the tests (peft-style: a Conv3d net with a Conv2d and a Linear head)."""
+"""Shared toy models for the tests (peft-style: a Conv3d net with a Conv2d and a Linear head) and the
+hypothesis profile."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
+from hypothesis import settings
 from torch import nn
+
+# Property tests draw the same examples on every run (a hash of each test), so CI is reproducible and a failure
+# reruns as it was; HYPOTHESIS_PROFILE=explore draws new ones each run, to search further.
+settings.register_profile("ci", derandomize=True)
+settings.register_profile("explore", derandomize=False)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
 class ToyVideoNet(nn.Module):
