@@ -1,10 +1,13 @@
 """End-to-end training step of a diffusers UNet3DConditionModel: Tucker-LoRA against the frozen model,
 peft LoRA at a matched parameter count and full fine-tuning.
 
-Each method runs in its own subprocess (so peak memory is its own): a few warm-up steps, then timed
-steps of noise prediction with AdamW, reporting the median step time and the process's peak RSS
-(CPU) or CUDA's max allocated memory. "frozen" is the floor: forward and backward to the noisy
-latents (which the paper re-attaches with ``requires_grad_``), nothing trained.
+Peak memory: each method runs alone in its own subprocess (a few warm-up steps, then timed steps of
+noise prediction with AdamW) and reports the process's peak RSS (CPU) or CUDA's max allocated memory.
+Time: then every method's model is built in one more process and the steps are interleaved, one per
+method per round in a new random order each round (``--rounds``); the ratio is the median over rounds
+of each step over the frozen step of the same round, so the machine's drift between processes does not
+enter it. "frozen" is the floor: forward and backward to the noisy latents (which the paper re-attaches
+with ``requires_grad_``), nothing trained.
 
     python benchmarks/bench_unet.py                     # CPU-sized UNet (see --channels)
     python benchmarks/bench_unet.py --device cuda --channels 320 640 1280 1280 --frames 16 --size 32
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import random
 import statistics
 import subprocess
 import sys
@@ -75,54 +79,85 @@ def wrap(unet, method: str, budget: int):
     return get_peft_model(unet, LoraConfig(r=r, lora_alpha=r, target_modules=TARGETS, init_lora_weights="gaussian"))
 
 
-def worker(args: argparse.Namespace) -> None:
-    device = args.device
-    with torch.device(device):  # random init on the device itself: the full-size UNet builds in seconds on a GPU
-        unet = build_unet(args.channels)
-    model = wrap(unet, args.method, args.budget).to(device)
-    amp = (
-        torch.autocast(device.split(":")[0], dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast])
-        if args.autocast != "none"
-        else contextlib.nullcontext()
-    )
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4) if params else None
-    g = torch.Generator().manual_seed(0)
-    shape = (args.batch, 4, args.frames, args.size, args.size)
-    latents = torch.randn(shape, generator=g).to(device)
-    noise = torch.randn(shape, generator=g).to(device)
-    text = torch.randn(args.batch, 8, 64, generator=g).to(device)
-    t = torch.tensor([500] * args.batch, device=device)
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats()
-    times = []
-    for step in range(args.warmup + args.steps):
-        if device.startswith("cuda"):
+class Run:
+    """One method's model, optimiser and fixed inputs, ready to take training steps."""
+
+    def __init__(self, args: argparse.Namespace, method: str, budget: int) -> None:
+        device = args.device
+        with torch.device(device):  # random init on the device itself: the full-size UNet builds in seconds on a GPU
+            unet = build_unet(args.channels)
+        self.model = wrap(unet, method, budget).to(device)
+        self.device = device
+        self.amp = (
+            torch.autocast(device.split(":")[0], dtype={"bf16": torch.bfloat16, "fp16": torch.float16}[args.autocast])
+            if args.autocast != "none"
+            else contextlib.nullcontext()
+        )
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.opt = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
+        g = torch.Generator().manual_seed(0)
+        shape = (args.batch, 4, args.frames, args.size, args.size)
+        self.latents = torch.randn(shape, generator=g).to(device)
+        self.noise = torch.randn(shape, generator=g).to(device)
+        self.text = torch.randn(args.batch, 8, 64, generator=g).to(device)
+        self.t = torch.tensor([500] * args.batch, device=device)
+
+    def step(self) -> float:
+        """One noise-prediction step with AdamW; its wall time in seconds (CUDA synchronised)."""
+        cuda = self.device.startswith("cuda")
+        if cuda:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
-        noisy = (0.7 * latents + 0.7 * noise).detach().requires_grad_(True)
-        with amp:
-            pred = model(noisy, t, encoder_hidden_states=text).sample
-        loss = torch.nn.functional.mse_loss(pred.float(), noise)
-        loss.backward()
-        if opt is not None:
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if device.startswith("cuda"):
+        noisy = (0.7 * self.latents + 0.7 * self.noise).detach().requires_grad_(True)
+        with self.amp:
+            pred = self.model(noisy, self.t, encoder_hidden_states=self.text).sample
+        torch.nn.functional.mse_loss(pred.float(), self.noise).backward()
+        if self.opt is not None:
+            self.opt.step()
+            self.opt.zero_grad(set_to_none=True)
+        if cuda:
             torch.cuda.synchronize()
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    peak_mb = peak_memory_mb(torch.device(device))
+        return time.perf_counter() - t0
+
+
+def worker(args: argparse.Namespace) -> None:
+    """One method alone in this process: its trainable count, median step and peak memory (printed as JSON)."""
+    run = Run(args, args.method, args.budget)
+    if run.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    times = [run.step() for _ in range(args.warmup + args.steps)][args.warmup :]
     print(
         json.dumps(
             {
                 "method": args.method,
-                "trainable": sum(p.numel() for p in params),
+                "trainable": sum(p.numel() for p in run.params),
                 "step_s": statistics.median(times),
-                "peak_mb": peak_mb,
+                "peak_mb": peak_memory_mb(torch.device(run.device)),
             }
         )
     )
+
+
+def interleaved(args: argparse.Namespace, budget: int) -> dict[str, tuple[float, float]]:
+    """Every method's model in this one process, ``--rounds`` rounds of one step each in a new random order:
+    ``{method: (median step s, median over rounds of step / frozen step in the same round)}``. Pairing each
+    step with the frozen one a few seconds apart cancels the machine's drift, which separate processes do not."""
+    runs = {m: Run(args, m, budget) for m in METHODS}
+    for run in runs.values():
+        for _ in range(args.warmup):
+            run.step()
+    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    order = random.Random(0)
+    for _ in range(args.rounds):
+        names = list(METHODS)
+        order.shuffle(names)
+        for m in names:
+            times[m].append(runs[m].step())
+    floor = times["frozen"]
+    return {
+        m: (statistics.median(ts), statistics.median(t / f for t, f in zip(ts, floor, strict=True)))
+        for m, ts in times.items()
+    }
 
 
 def main() -> None:
@@ -135,6 +170,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--autocast", choices=("none", "bf16", "fp16"), default="none", help="mixed precision")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="rounds of the interleaved timing, every method in one process (0: each process's own timing)",
+    )
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -151,7 +192,7 @@ def main() -> None:
           f"batch={args.batch} device={args.device} threads={torch.get_num_threads()} "
           f"autocast={args.autocast}")  # fmt: skip
     rows, budget = [], 0
-    for method in METHODS:
+    for method in METHODS:  # peaks (and a first timing) each in its own process
         cmd = [sys.executable, __file__, *common, "--method", method, "--budget", str(budget)]
         out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1]
         row = json.loads(out)
@@ -159,14 +200,18 @@ def main() -> None:
         rows.append(row)
         if method == "tucker (4,4,1,1,1)":
             budget = row["trainable"]
-    floor = rows[0]
-    print("| method | trainable params | step (s) | step / frozen | peak memory (MB) |")
+    if args.rounds:
+        paired = interleaved(args, budget)
+        print(json.dumps({"interleaved": paired, "rounds": args.rounds}), flush=True)
+        head = f"step (s), median of {args.rounds} | step / frozen, paired"
+    else:
+        paired = {r["method"]: (r["step_s"], r["step_s"] / rows[0]["step_s"]) for r in rows}
+        head = "step (s) | step / frozen"
+    print(f"| method | trainable params | {head} | peak memory (MB) |")
     print("|---|---:|---:|---:|---:|")
     for r in rows:
-        print(
-            f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {r['step_s'] / floor['step_s']:.2f}x | "
-            f"{r['peak_mb']:.0f} |"
-        )
+        step, ratio = paired[r["method"]]
+        print(f"| {r['method']} | {r['trainable']:,} | {step:.3f} | {ratio:.2f}x | {r['peak_mb']:.0f} |")
 
 
 if __name__ == "__main__":
