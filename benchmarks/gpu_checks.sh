@@ -42,8 +42,8 @@ if want compiled; then
 fi
 if want unet; then
     step "end-to-end UNet3D, fp32"
-    timeout 150 $PY benchmarks/bench_unet.py --device cuda --channels 320 640 1280 1280 --frames 16 --size 32 \
-        --steps 5 --warmup 2 2>&1 | grep -v -i warn | tee "$OUT/unet_fp32.md"
+    timeout 240 $PY benchmarks/bench_unet.py --device cuda --channels 320 640 1280 1280 --frames 16 --size 32 \
+        --steps 5 --warmup 2 --rounds 11 2>&1 | grep -v -i warn | tee "$OUT/unet_fp32.md"
 fi
 if want fsdp; then
     step "FSDP2 against DDP and one plain process (one GPU: FSDP shards nothing, this is its overhead)"
