@@ -184,6 +184,29 @@ def test_frozen_modes_input_and_parameter_gradients_match_reference(mode, frozen
         torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dims", [2, 3])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_channels_last_input_matches_reference(batch, dims, mode, device):
+    """A channels-last input (``model.to(memory_format=torch.channels_last)``, common in diffusers) gives
+    channels-last input gradients from the convolution backward; the adapter adds ``U_i dP`` into them in
+    place, so it must follow their strides."""
+    torch.manual_seed(0)
+    conv, fmt = (nn.Conv2d, torch.channels_last) if dims == 2 else (nn.Conv3d, torch.channels_last_3d)
+    base = conv(6, 7, 3, padding=1).double().to(device)
+    layer = _adapt(base, (3, 2, 2, 1, 2), mode).double().to(device)
+    x = torch.randn(batch, 6, *(4, 5, 5)[3 - dims :], dtype=torch.float64, device=device)
+    x = x.to(memory_format=fmt).requires_grad_(True)
+    params = list(_adapter_params(layer).values())
+    y = layer(x)
+    ref = _reference(base, x.contiguous(), base.weight + layer.get_delta_weight("default"))
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    dy = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(y, [x, *params], dy), torch.autograd.grad(ref, [x, *params], dy), strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_frozen_u_i_saves_only_the_projections(mode):
     """With U_i frozen the adapted conv keeps P = U_i^T x (r_i / I of x) and, factored, z = conv(P, K) (r_o / O
