@@ -275,8 +275,8 @@ class AdaptedConv(torch.autograd.Function):
         dx = conv_input(dy, W) + U_i dP     dK = alpha corr(P, Q)     dG_(12) = dK B
         dU_o = dy z^T                       dU_i = x dP^T             dB = dK^T G_(12) -> dU_t, dU_h, dU_w
 
-    dP and dK come from one ``convolution_backward`` call. It saves ``x`` only when ``U_i`` (or W) trains;
-    otherwise ``P`` alone.
+    dP and dK come from one ``convolution_backward`` call. It saves ``x`` (and ``z``) only when ``U_i`` (or W)
+    trains; otherwise ``P`` alone, and z is recomputed from it.
     """
 
     @staticmethod
@@ -295,8 +295,10 @@ class AdaptedConv(torch.autograd.Function):
         keep_x = need_U_i or need[1]
         ctx.geometry, ctx.alpha, ctx.need_K = geometry, alpha, need_K
         ctx.x_shape, ctx.autocast = x.shape, autocast_state(x.device.type)
+        # z (r_o / O of y) is kept beside x, where it is small next to it; without x (U_i frozen) only P
+        # (r_i / I of x) is kept and the backward recomputes z from it, one small convolution
         ctx.save_for_backward(
-            x if keep_x else None, P, z if need_U_o else None, weight, Ka, core, U_o, U_i, *kernel, *chain
+            x if keep_x else None, P, z if need_U_o and keep_x else None, weight, Ka, core, U_o, U_i, *kernel, *chain
         )
         return y
 
