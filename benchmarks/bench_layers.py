@@ -87,6 +87,13 @@ def n_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
 
 
+def adapted_layer(base: nn.Module, config) -> nn.Module:
+    """The layer peft's ``config`` makes of a copy of ``base``. Columns are called at the layer, as inside a
+    network: peft's model-level wrappers (``PeftModel``, the tuner model) run once per network step, not once
+    per layer, and LyCORIS's column has none."""
+    return get_peft_model(nn.Sequential(copy.deepcopy(base)), config).base_model.model[0]
+
+
 def build_columns(shape: Shape, ranks: tuple[int, ...], device: str) -> dict[str, nn.Module]:
     """Every method on its own copy of the same base layer, on ``device``."""
     torch.manual_seed(0)
@@ -94,13 +101,13 @@ def build_columns(shape: Shape, ranks: tuple[int, ...], device: str) -> dict[str
     columns: dict[str, nn.Module] = {"frozen base": base}
     for mode in ("factored", "merged", "auto"):
         cfg = TuckerLoraConfig(target_modules=["0"], ranks=ranks, init_weights=False, forward_mode=mode)
-        columns[f"tucker {mode}"] = get_peft_model(nn.Sequential(copy.deepcopy(base)), cfg)
+        columns[f"tucker {mode}"] = adapted_layer(base, cfg)
     budget = n_trainable(columns["tucker auto"])
     out_ch, in_ch, *k = base.weight.shape
     taps = math.prod(k)
     r_lora = max(1, round(budget / (in_ch * taps + out_ch)))
     lora = LoraConfig(r=r_lora, lora_alpha=r_lora, target_modules=["0"], init_lora_weights=False)
-    columns[f"peft LoRA r={r_lora}"] = get_peft_model(nn.Sequential(copy.deepcopy(base)), lora)
+    columns[f"peft LoRA r={r_lora}"] = adapted_layer(base, lora)
     try:
         from lycoris.modules.locon import LoConModule
 
@@ -114,7 +121,7 @@ def build_columns(shape: Shape, ranks: tuple[int, ...], device: str) -> dict[str
     except ImportError:
         print("lycoris-lora not installed: LyCORIS column skipped (pip install lycoris-lora)")
     cfg = TuckerLoraConfig(target_modules=["0"], ranks=ranks, init_weights=False, freeze_modes=("i",))
-    columns["tucker auto, freeze_modes=('i',)"] = get_peft_model(nn.Sequential(copy.deepcopy(base)), cfg)
+    columns["tucker auto, freeze_modes=('i',)"] = adapted_layer(base, cfg)
     full = copy.deepcopy(base).requires_grad_(True)
     columns["full fine-tuning"] = full
     return columns
