@@ -1,0 +1,86 @@
+"""The benchmark scripts stay runnable: their smallest cases, one round each, and what their tables rest on
+(matched parameter budgets, the layer-level columns, the paired ratios)."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import math
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+from tucker_lora import TuckerLoraLayer
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def _script(name: str) -> ModuleType:
+    """A script of benchmarks/ imported as a module (it is not a package)."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("shape", ["TINY", "640"])
+def test_bench_layers_columns_are_layers_at_matched_budgets(shape):
+    """Every adapter column is the adapted layer itself (no model-level wrapper, as LyCORIS's), and the
+    baselines' parameter counts are the nearest their rank allows to Tucker's."""
+    pytest.importorskip("lycoris")
+    bench = _script("bench_layers")
+    chosen = bench.TINY if shape == "TINY" else next(s for s in bench.SHAPES if s.name.startswith("Conv3d 640"))
+    columns = bench.build_columns(chosen, (4, 4, 1, 1, 1), "cpu")
+    tucker = columns["tucker auto"]
+    assert isinstance(tucker, TuckerLoraLayer)
+    assert isinstance(columns["tucker auto, freeze_modes=('i',)"], TuckerLoraLayer)
+    lora = next(m for n, m in columns.items() if n.startswith("peft LoRA"))
+    assert type(lora).__module__.startswith("peft.tuners.lora")
+    budget = bench.n_trainable(tucker)
+    out_ch, in_ch, *k = tucker.get_base_layer().weight.shape
+    taps = math.prod(k)
+    for name, per_rank in (("peft LoRA", lambda r: r * (in_ch * taps + out_ch)),
+                           ("LyCORIS", lambda r: r * (in_ch + out_ch) + r * r * taps)):  # fmt: skip
+        column = next(n for n in columns if n.startswith(name))
+        r = int(column.rsplit("=", 1)[1])
+        count = bench.n_trainable(columns[column])
+        assert count == per_rank(r), name
+        assert abs(count - budget) <= min(abs(per_rank(s) - budget) for s in (r - 1, r + 1) if s >= 1), name
+
+
+def test_bench_layers_one_round_of_the_tiny_shape():
+    """One round of the per-call row: every column timed, the frozen base as the floor, and the saved bytes
+    ordered as the freeze_modes section says (U_i frozen keeps less than the frozen conv itself)."""
+    pytest.importorskip("lycoris")
+    bench = _script("bench_layers")
+    result = bench.bench_shape(bench.TINY, (4, 4, 1, 1, 1), "cpu", repeats=1, warmup=0)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert rows["frozen base"]["train_ratio"] == rows["frozen base"]["infer_ratio"] == 1.0
+    assert all(r["train_ms"] > 0 and r["infer_ratio"] > 0 for r in rows.values())
+    saved = {name: r["saved_vs_x"] for name, r in rows.items()}
+    assert saved["tucker auto, freeze_modes=('i',)"] < saved["frozen base"] < saved["tucker auto"]
+    assert "| tucker auto |" in bench.markdown(result)
+
+
+def test_bench_unet_interleaved_pairs_each_step_with_the_frozen_one():
+    """The interleaved timing builds every method's UNet in one process and reports per-method medians and
+    paired ratios (the frozen one exactly 1); tucker's budget gives peft LoRA its matched rank."""
+    pytest.importorskip("diffusers")
+    bench = _script("bench_unet")
+    args = argparse.Namespace(
+        device="cpu", channels=[32, 64], frames=2, size=8, batch=1, warmup=0, rounds=1, autocast="none"
+    )
+    run = bench.Run(args, "tucker (4,4,1,1,1)", 0)
+    budget = sum(p.numel() for p in run.params)
+    assert budget > 0 and run.step() > 0
+    torch.manual_seed(0)
+    result = bench.interleaved(args, budget)
+    assert list(result) == bench.METHODS
+    assert result["frozen"][1] == 1.0
+    assert all(step > 0 and ratio > 0 for step, ratio in result.values())
