@@ -42,6 +42,20 @@ def _adapter_params(layer: TuckerLoraLayer) -> dict[str, torch.Tensor]:
     return {n: p for n, p in layer.named_parameters() if "tucker_lora_" in n and p.requires_grad}
 
 
+def _assert_matches_reference(layer: TuckerLoraLayer, base: nn.Module, x: torch.Tensor, x_ref=None) -> None:
+    """Forward and the gradients of x and every trainable adapter parameter equal those of the base conv with
+    ``W + get_delta_weight()`` (``_reference``, fed ``x_ref``, by default x itself), in float64."""
+    params = _adapter_params(layer)
+    y = layer(x)
+    ref = _reference(base, x if x_ref is None else x_ref, base.weight + layer.get_delta_weight("default"))
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    dy = torch.randn_like(ref)
+    got = torch.autograd.grad(y, [x, *params.values()], dy)
+    expected = torch.autograd.grad(ref, [x, *params.values()], dy)
+    for name, a, b in zip(["x", *params], got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
+
+
 conv_settings = st.fixed_dictionaries(
     {
         "dims": st.sampled_from([1, 2, 3]),
@@ -80,16 +94,7 @@ def test_paths_match_reference_in_forward_and_every_gradient(mode, device, cfg, 
     ).to(device, torch.float64)
     layer = _adapt(base, cfg["ranks"], mode, alpha=cfg["alpha"]).to(device, torch.float64)
     x = torch.randn(2, cfg["in_ch"], *[7] * cfg["dims"], dtype=torch.float64, device=device, requires_grad=True)
-    params = _adapter_params(layer)
-    y = layer(x)
-    w = base.weight + layer.get_delta_weight("default")
-    ref = _reference(base, x, w)
-    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
-    dy = torch.randn_like(y)
-    got = torch.autograd.grad(y, [x, *params.values()], dy)
-    expected = torch.autograd.grad(ref, [x, *params.values()], dy)
-    for name, a, b in zip(["x", *params], got, expected, strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
+    _assert_matches_reference(layer, base, x)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -175,13 +180,7 @@ def test_frozen_modes_input_and_parameter_gradients_match_reference(mode, frozen
     if frozen == "all":  # the adapter as a fixed part of the model, gradients wanted for the input only
         layer.requires_grad_(False)
     x = torch.randn(2, 5, 3, 5, 5, dtype=torch.float64, requires_grad=True)
-    params = list(_adapter_params(layer).values())
-    y = layer(x)
-    ref = _reference(base, x, base.weight + layer.get_delta_weight("default"))
-    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
-    dy = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, [x, *params], dy), torch.autograd.grad(ref, [x, *params], dy), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    _assert_matches_reference(layer, base, x)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -198,13 +197,7 @@ def test_channels_last_input_matches_reference(batch, dims, mode, device):
     layer = _adapt(base, (3, 2, 2, 1, 2), mode).double().to(device)
     x = torch.randn(batch, 6, *(4, 5, 5)[3 - dims :], dtype=torch.float64, device=device)
     x = x.to(memory_format=fmt).requires_grad_(True)
-    params = list(_adapter_params(layer).values())
-    y = layer(x)
-    ref = _reference(base, x.contiguous(), base.weight + layer.get_delta_weight("default"))
-    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
-    dy = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(y, [x, *params], dy), torch.autograd.grad(ref, [x, *params], dy), strict=True):
-        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    _assert_matches_reference(layer, base, x, x_ref=x.contiguous())
 
 
 @pytest.mark.parametrize("mode", MODES)
