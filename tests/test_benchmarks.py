@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import numpy as np
 import pytest
 import torch
 
@@ -52,6 +53,13 @@ def test_bench_layers_columns_are_layers_at_matched_budgets(shape):
         count = bench.n_trainable(columns[column])
         assert count == per_rank(r), name
         assert abs(count - budget) <= min(abs(per_rank(s) - budget) for s in (r - 1, r + 1) if s >= 1), name
+    # every column computes with the one base weight (copies of a frozen layer, timed against each other, differ
+    # by where their weight lands in memory), and only full fine-tuning trains it
+    base_weight = columns["frozen base"].weight
+    for name, module in columns.items():
+        weights = [p for p in module.parameters() if p.shape == base_weight.shape]
+        assert weights and all(w.data_ptr() == base_weight.data_ptr() for w in weights), name
+        assert all(w.requires_grad == (name == "full fine-tuning") for w in weights), name
 
 
 def test_bench_layers_one_round_of_the_tiny_shape():
@@ -84,3 +92,21 @@ def test_bench_unet_interleaved_pairs_each_step_with_the_frozen_one():
     assert list(result) == bench.METHODS
     assert result["frozen"][1] == 1.0
     assert all(step > 0 and ratio > 0 for step, ratio in result.values())
+
+
+def test_bench_skinny_times_both_ways_on_the_same_products():
+    """Both ways compute the same products (numpy as the reference), with blocks that divide the sizes or not, and
+    one round of the table carries its ratios."""
+    bench = _script("bench_skinny")
+    for C, S in ((24, 40), (7, 10)):
+        x, y, z, M_proj, M_up = bench.random_case(C, S, 3)
+        y0 = y.numpy().copy()
+        calls = bench.cases(x, y, z, M_proj, M_up, per_thread=8)
+        expected_P = M_proj.numpy() @ x.numpy()
+        np.testing.assert_allclose(calls["projection mm"]().numpy(), expected_P, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(calls["projection split"]().numpy(), expected_P, rtol=1e-4, atol=1e-4)
+        update = M_up.numpy() @ z.numpy()
+        np.testing.assert_allclose(calls["update addmm_"]().numpy(), y0 + update, rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(calls["update split"]().numpy(), y0 + 2 * update, rtol=1e-4, atol=1e-4)
+    (row,) = bench.main(["--rounds", "1", "--sizes", "24", "40", "--threads", "2"])
+    assert row["projection ratio"] > 0 and row["update ratio"] > 0

@@ -13,7 +13,7 @@ from peft import get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
+from tucker_lora import TuckerLoraConfig, TuckerLoraLayer, functional
 from tucker_lora.functional import AdaptedConv, ConvGeometry
 from tucker_lora.testing import saved_activation_bytes
 
@@ -197,6 +197,32 @@ def test_channels_last_input_matches_reference(batch, dims, mode, device):
     layer = _adapt(base, (3, 2, 2, 1, 2), mode).double().to(device)
     x = torch.randn(batch, 6, *(4, 5, 5)[3 - dims :], dtype=torch.float64, device=device)
     x = x.to(memory_format=fmt).requires_grad_(True)
+    _assert_matches_reference(layer, base, x, x_ref=x.contiguous())
+
+
+@pytest.fixture
+def split_everything(monkeypatch):
+    """The CPU split of skinny matmuls on for every size (it is off below ``SPLIT_MIN_NUMEL``), on 2 threads."""
+    monkeypatch.setattr(functional, "SPLIT_MIN_NUMEL", 0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("channels", [(16, 24), (6, 7), (5, 8)], ids=["blocks-8", "blocks-2-and-1", "blocks-1-and-8"])
+def test_split_skinny_matmuls_match_reference(channels, channels_last, mode, split_everything):
+    """The projections and in-place updates split into blocks (``split_blocks``: as many as divide the channel or
+    spatial size) give the reference's forward and gradients, whatever the strides."""
+    torch.manual_seed(0)
+    (in_ch, out_ch), spatial = channels, (4, 5, 6)
+    assert functional.split_blocks(out_ch, torch.empty(1)) == max(b for b in (8, 4, 2, 1) if out_ch % b == 0)
+    base = nn.Conv3d(in_ch, out_ch, 3, padding=1).double()
+    layer = _adapt(base, (3, 2, 2, 1, 2), mode).double()
+    x = torch.randn(1, in_ch, *spatial, dtype=torch.float64)
+    x = (x.to(memory_format=torch.channels_last_3d) if channels_last else x).requires_grad_(True)
     _assert_matches_reference(layer, base, x, x_ref=x.contiguous())
 
 

@@ -126,17 +126,60 @@ def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = Non
     are bitwise the same in training and inference.
     """
     N = x.shape[0]
-    if N == 1:  # one sample (a video batch of one): a plain matmul, the fewest calls on the host
+    if N == 1:  # one sample (a video batch of one): one matmul, split across threads where that pays
         x2 = x.reshape(x.shape[1], -1)
         if out is None:
-            return torch.mm(M, x2).view(1, M.shape[0], *x.shape[2:])
-        out.view(M.shape[0], -1).addmm_(M, x2)
+            return _project(M, x2).view(1, M.shape[0], *x.shape[2:])
+        _update(out.view(M.shape[0], -1), M, x2)
         return out
     x3, M3 = x.reshape(N, x.shape[1], -1), M.expand(N, -1, -1)
     if out is None:
         return torch.bmm(M3, x3).view(N, M.shape[0], *x.shape[2:])
     out.view(N, M.shape[0], -1).baddbmm_(M3, x3)
     return out
+
+
+#: A skinny CPU matmul of a (C, S) activation, the rank-r projection ``M x`` (M: r x C) or the rank-r update
+#: ``out += M x`` (M: C x r), runs on one thread in MKL. Split into ``SPLIT_PER_THREAD`` blocks per thread (along S
+#: for the projection, along the rows of ``out`` for the update), torch's batched matmul runs the blocks on every
+#: thread: 1.3x-2.5x faster on 2 threads from 2^18 elements up, slower below that or on one thread
+#: (``benchmarks/bench_skinny.py``).
+SPLIT_PER_THREAD = 4
+SPLIT_MIN_NUMEL = 1 << 18
+
+
+def split_blocks(n: int, t: torch.Tensor) -> int:
+    """How many blocks to split a skinny matmul over ``t`` into along a dim of size ``n`` (1: no split; always
+    under ``torch.compile``, which generates its own kernels)."""
+    if t.device.type != "cpu" or t.numel() < SPLIT_MIN_NUMEL or torch.compiler.is_compiling():
+        return 1
+    threads = torch.get_num_threads()
+    return 1 if threads < 2 else blocks_dividing(n, SPLIT_PER_THREAD * threads)
+
+
+def blocks_dividing(n: int, most: int) -> int:
+    """The first of ``most, most // 2, ..., 1`` that divides ``n``."""
+    while n % most:
+        most //= 2
+    return most
+
+
+def _project(M: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
+    """``M x2``: M (r, C), x2 (C, S) -> (r, S); as ``b`` products of (r, C) with (C, S / b) column blocks."""
+    (C, S), b = x2.shape, split_blocks(x2.shape[1], x2)
+    if b == 1:
+        return torch.mm(M, x2)
+    blocks = x2.reshape(C, b, S // b).transpose(0, 1)
+    return torch.bmm(M.expand(b, -1, -1), blocks).transpose(0, 1).reshape(M.shape[0], S)
+
+
+def _update(out2: torch.Tensor, M: torch.Tensor, x2: torch.Tensor) -> None:
+    """``out2 += M x2`` in place: out2 (C', S), M (C', r), x2 (r, S); as ``b`` updates of (C' / b, S) row blocks."""
+    C, b = out2.shape[0], split_blocks(out2.shape[0], out2)
+    if b == 1:
+        out2.addmm_(M, x2)
+    else:
+        out2.view(b, C // b, -1).baddbmm_(M.reshape(b, C // b, -1), x2.expand(b, -1, -1))
 
 
 # ---------------------------------------------------------------------------------------------- geometry

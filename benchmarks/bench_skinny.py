@@ -1,0 +1,100 @@
+"""The skinny matmuls of the adapter on the CPU: one ``mm`` against the same product split into blocks.
+
+An adapter's channel projections are a rank-r projection ``P = M x`` (M: r x C, x: C x S) and a rank-r update
+``y += M z`` (M: C x r, z: r x S) of full-size activations. MKL runs these shapes on one thread; split into
+blocks (along S for the projection, along the rows of y for the update), torch's batched matmul runs the blocks
+on every thread. This script times both ways (``SPLIT_PER_THREAD`` blocks per thread), interleaved in rounds
+(medians, and the median of per-round ratios), for activation sizes around the threshold ``SPLIT_MIN_NUMEL`` and for
+the layer sizes of ``bench_layers.py``, on the threads torch uses (``--threads``). The adapter splits
+(``functional.split_blocks``) only from ``SPLIT_MIN_NUMEL`` elements up and on two threads or more.
+
+    python benchmarks/bench_skinny.py
+    python benchmarks/bench_skinny.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from tucker_lora import functional
+
+#: (C, S): channels and spatial positions of the activation; 2^16 to 2^21 elements.
+SIZES = [(320, 256), (320, 512), (1280, 256), (320, 1024), (640, 1024), (320, 2048), (640, 2048), (320, 8192)]
+
+
+def cases(
+    x: torch.Tensor, y: torch.Tensor, z: torch.Tensor, M_proj: torch.Tensor, M_up: torch.Tensor, per_thread: int
+) -> dict[str, Callable[[], torch.Tensor]]:
+    """The four timed calls: the projection ``M_proj x`` and the update ``y += M_up z``, each as one mm and split
+    into ``per_thread`` blocks (fewer where they do not divide the size)."""
+    (C, S), r = x.shape, z.shape[0]
+    b_proj, b_up = functional.blocks_dividing(S, per_thread), functional.blocks_dividing(C, per_thread)
+    x_blocks = x.view(C, b_proj, S // b_proj).transpose(0, 1)
+    return {
+        "projection mm": lambda: torch.mm(M_proj, x),
+        "projection split": lambda: torch.bmm(M_proj.expand(b_proj, -1, -1), x_blocks).transpose(0, 1).reshape(r, S),
+        "update addmm_": lambda: y.addmm_(M_up, z),
+        "update split": lambda: (
+            y.view(b_up, C // b_up, S).baddbmm_(M_up.view(b_up, C // b_up, r), z.expand(b_up, -1, -1)).view(C, S)
+        ),
+    }
+
+
+def random_case(C: int, S: int, r: int) -> tuple[torch.Tensor, ...]:
+    """x, y (C, S), z (r, S), M_proj (r, C), M_up (C, r)."""
+    return torch.randn(C, S), torch.randn(C, S), torch.randn(r, S), torch.randn(r, C), torch.randn(C, r)
+
+
+def interleaved(calls: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call, every call once per round in a new random order."""
+    for f in calls.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    for _ in range(rounds):
+        for k in random.sample(list(calls), len(calls)):
+            t0 = time.perf_counter()
+            calls[k]()
+            times[k].append(time.perf_counter() - t0)
+    return times
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--rank", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=200)
+    parser.add_argument("--sizes", type=int, nargs=2, action="append", metavar=("C", "S"))
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    print(
+        f"{args.threads} threads, rank {args.rank}, {args.rounds} rounds, "
+        f"{functional.SPLIT_PER_THREAD} blocks per thread"
+    )
+    print("| C x S | elements | projection mm (us) | split | ratio | update addmm_ (us) | split | ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    rows = []
+    for C, S in args.sizes or SIZES:
+        calls = cases(*random_case(C, S, args.rank), functional.SPLIT_PER_THREAD * args.threads)
+        t = interleaved(calls, args.rounds)
+        med = {k: statistics.median(v) * 1e6 for k, v in t.items()}
+        ratio = {
+            kind: statistics.median(a / b for a, b in zip(t[f"{kind} split"], t[f"{kind} {plain}"], strict=True))
+            for kind, plain in (("projection", "mm"), ("update", "addmm_"))
+        }
+        rows.append({"C": C, "S": S, **med, **{f"{k} ratio": v for k, v in ratio.items()}})
+        print(
+            f"| {C} x {S} | {C * S:,} | {med['projection mm']:.0f} | {med['projection split']:.0f} | "
+            f"{ratio['projection']:.2f} | {med['update addmm_']:.0f} | {med['update split']:.0f} | "
+            f"{ratio['update']:.2f} |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
