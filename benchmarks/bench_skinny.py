@@ -6,7 +6,8 @@ blocks (along S for the projection, along the rows of y for the update), torch's
 on every thread. This script times both ways (``SPLIT_PER_THREAD`` blocks per thread), interleaved in rounds
 (medians, and the median of per-round ratios), for activation sizes around the threshold ``SPLIT_MIN_NUMEL`` and for
 the layer sizes of ``bench_layers.py``, on the threads torch uses (``--threads``). The adapter splits
-(``functional.split_blocks``) only from ``SPLIT_MIN_NUMEL`` elements up and on two threads or more.
+only the projection (``functional.split_blocks``), from ``SPLIT_MIN_NUMEL`` elements up and on two threads or
+more: the split update was as often slower as faster.
 
     python benchmarks/bench_skinny.py
     python benchmarks/bench_skinny.py --threads 1

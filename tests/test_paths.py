@@ -202,7 +202,7 @@ def test_channels_last_input_matches_reference(batch, dims, mode, device):
 
 @pytest.fixture
 def split_everything(monkeypatch):
-    """The CPU split of skinny matmuls on for every size (it is off below ``SPLIT_MIN_NUMEL``), on 2 threads."""
+    """The CPU split of projections on for every size (it is off below ``SPLIT_MIN_NUMEL``), on 2 threads."""
     monkeypatch.setattr(functional, "SPLIT_MIN_NUMEL", 0)
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
@@ -212,16 +212,16 @@ def split_everything(monkeypatch):
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-@pytest.mark.parametrize("channels", [(16, 24), (6, 7), (5, 8)], ids=["blocks-8", "blocks-2-and-1", "blocks-1-and-8"])
-def test_split_skinny_matmuls_match_reference(channels, channels_last, mode, split_everything):
-    """The projections and in-place updates split into blocks (``split_blocks``: as many as divide the channel or
-    spatial size) give the reference's forward and gradients, whatever the strides."""
+@pytest.mark.parametrize("spatial", [(4, 5, 6), (2, 3, 3), (3, 5, 5)], ids=["blocks-8", "blocks-2", "blocks-1"])
+def test_split_projections_match_reference(spatial, channels_last, mode, split_everything):
+    """The projections ``U_i^T x`` and ``U_o^T dy`` split into blocks along the positions (``split_blocks``: as many
+    as divide their number) give the reference's forward and gradients, whatever the strides."""
     torch.manual_seed(0)
-    (in_ch, out_ch), spatial = channels, (4, 5, 6)
-    assert functional.split_blocks(out_ch, torch.empty(1)) == max(b for b in (8, 4, 2, 1) if out_ch % b == 0)
-    base = nn.Conv3d(in_ch, out_ch, 3, padding=1).double()
+    S = spatial[0] * spatial[1] * spatial[2]
+    assert functional.split_blocks(S, torch.empty(1)) == max(b for b in (8, 4, 2, 1) if S % b == 0)
+    base = nn.Conv3d(5, 6, 3, padding=1).double()
     layer = _adapt(base, (3, 2, 2, 1, 2), mode).double()
-    x = torch.randn(1, in_ch, *spatial, dtype=torch.float64)
+    x = torch.randn(1, 5, *spatial, dtype=torch.float64)
     x = (x.to(memory_format=torch.channels_last_3d) if channels_last else x).requires_grad_(True)
     _assert_matches_reference(layer, base, x, x_ref=x.contiguous())
 

@@ -126,11 +126,11 @@ def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = Non
     are bitwise the same in training and inference.
     """
     N = x.shape[0]
-    if N == 1:  # one sample (a video batch of one): one matmul, split across threads where that pays
+    if N == 1:  # one sample (a video batch of one): one matmul (a projection split across threads where that pays)
         x2 = x.reshape(x.shape[1], -1)
         if out is None:
             return _project(M, x2).view(1, M.shape[0], *x.shape[2:])
-        _update(out.view(M.shape[0], -1), M, x2)
+        out.view(M.shape[0], -1).addmm_(M, x2)
         return out
     x3, M3 = x.reshape(N, x.shape[1], -1), M.expand(N, -1, -1)
     if out is None:
@@ -139,17 +139,17 @@ def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = Non
     return out
 
 
-#: A skinny CPU matmul of a (C, S) activation, the rank-r projection ``M x`` (M: r x C) or the rank-r update
-#: ``out += M x`` (M: C x r), runs on one thread in MKL. Split into ``SPLIT_PER_THREAD`` blocks per thread (along S
-#: for the projection, along the rows of ``out`` for the update), torch's batched matmul runs the blocks on every
-#: thread: 1.3x-2.5x faster on 2 threads from 2^18 elements up, slower below that or on one thread
-#: (``benchmarks/bench_skinny.py``).
+#: The rank-r projection ``M x`` (M: r x C) of a (C, S) activation runs on one thread in MKL. Split along S into
+#: ``SPLIT_PER_THREAD`` blocks per thread, torch's batched matmul runs the blocks on every thread: 1.2x-1.7x faster
+#: on 2 threads from 2^18 elements up, slower below that or on one thread. The rank-r update ``out += M x``
+#: (M: C x r) split the same way (along the rows of out) was as often slower as faster, so it stays one ``addmm_``
+#: (``benchmarks/bench_skinny.py`` times both).
 SPLIT_PER_THREAD = 4
 SPLIT_MIN_NUMEL = 1 << 18
 
 
 def split_blocks(n: int, t: torch.Tensor) -> int:
-    """How many blocks to split a skinny matmul over ``t`` into along a dim of size ``n`` (1: no split; always
+    """How many blocks to split a projection of ``t`` into along a dim of size ``n`` (1: no split; always
     under ``torch.compile``, which generates its own kernels)."""
     if t.device.type != "cpu" or t.numel() < SPLIT_MIN_NUMEL or torch.compiler.is_compiling():
         return 1
@@ -171,15 +171,6 @@ def _project(M: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
         return torch.mm(M, x2)
     blocks = x2.reshape(C, b, S // b).transpose(0, 1)
     return torch.bmm(M.expand(b, -1, -1), blocks).transpose(0, 1).reshape(M.shape[0], S)
-
-
-def _update(out2: torch.Tensor, M: torch.Tensor, x2: torch.Tensor) -> None:
-    """``out2 += M x2`` in place: out2 (C', S), M (C', r), x2 (r, S); as ``b`` updates of (C' / b, S) row blocks."""
-    C, b = out2.shape[0], split_blocks(out2.shape[0], out2)
-    if b == 1:
-        out2.addmm_(M, x2)
-    else:
-        out2.view(b, C // b, -1).baddbmm_(M.reshape(b, C // b, -1), x2.expand(b, -1, -1))
 
 
 # ---------------------------------------------------------------------------------------------- geometry
