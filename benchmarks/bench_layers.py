@@ -43,7 +43,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from tucker_lora import TuckerLoraConfig
-from tucker_lora.testing import saved_activation_bytes
+from tucker_lora.testing import saved_activation_bytes, sharing_copy
 from tucker_lora.video.metrics import peak_memory_added
 
 
@@ -85,13 +85,6 @@ SHAPES.append(TINY)
 
 def n_trainable(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters() if p.requires_grad)
-
-
-def sharing_copy(base: nn.Module) -> nn.Module:
-    """A copy of ``base`` that shares its weight and bias tensors. Every column computes with the very same base
-    weight: separate copies of one frozen layer, timed against each other, differ by up to 8% on the 1280-channel
-    layer (its 177 MB weight lands at a different place in memory each time), more than the adapters' cost."""
-    return copy.deepcopy(base, memo={id(t): t for t in base.parameters()})
 
 
 def adapted_layer(base: nn.Module, config) -> nn.Module:

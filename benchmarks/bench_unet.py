@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import random
 import statistics
@@ -26,6 +27,7 @@ import time
 
 import torch
 
+from tucker_lora.testing import sharing_copy
 from tucker_lora.video.metrics import peak_memory_mb
 
 METHODS = ["frozen", "tucker (4,4,1,1,1)", "tucker (8,8,3,1,1)", "peft LoRA (matched)", "full fine-tuning"]
@@ -82,10 +84,12 @@ def wrap(unet, method: str, budget: int):
 class Run:
     """One method's model, optimiser and fixed inputs, ready to take training steps."""
 
-    def __init__(self, args: argparse.Namespace, method: str, budget: int) -> None:
+    def __init__(self, args: argparse.Namespace, method: str, budget: int, unet=None) -> None:
+        """``unet``: the model to wrap (by default a new one)."""
         device = args.device
-        with torch.device(device):  # random init on the device itself: the full-size UNet builds in seconds on a GPU
-            unet = build_unet(args.channels)
+        if unet is None:
+            with torch.device(device):  # random init on the device: the full-size UNet builds in seconds on a GPU
+                unet = build_unet(args.channels)
         self.model = wrap(unet, method, budget).to(device)
         self.device = device
         self.amp = (
@@ -138,11 +142,21 @@ def worker(args: argparse.Namespace) -> None:
     )
 
 
+def base_copy(base, method: str):
+    """The model ``method`` wraps: ``base``'s weights themselves, or its own copy of them for full fine-tuning."""
+    return copy.deepcopy(base) if method == "full fine-tuning" else sharing_copy(base)
+
+
 def interleaved(args: argparse.Namespace, budget: int) -> dict[str, tuple[float, float]]:
     """Every method's model in this one process, ``--rounds`` rounds of one step each in a new random order:
     ``{method: (median step s, median over rounds of step / frozen step in the same round)}``. Pairing each
-    step with the frozen one a few seconds apart cancels the machine's drift, which separate processes do not."""
-    runs = {m: Run(args, m, budget) for m in METHODS}
+    step with the frozen one a few seconds apart cancels the machine's drift, which separate processes do not.
+    The frozen, Tucker and LoRA models share one set of base weights (``sharing_copy``): separate copies of one
+    model differ in speed by where their weights land in memory. Full fine-tuning, which trains them, has its own.
+    """
+    with torch.device(args.device):
+        base = build_unet(args.channels)
+    runs = {m: Run(args, m, budget, base_copy(base, m)) for m in METHODS}
     for run in runs.values():
         for _ in range(args.warmup):
             run.step()

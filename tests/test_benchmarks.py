@@ -94,6 +94,26 @@ def test_bench_unet_interleaved_pairs_each_step_with_the_frozen_one():
     assert all(step > 0 and ratio > 0 for step, ratio in result.values())
 
 
+def test_bench_unet_methods_share_the_base_weights_but_full_fine_tuning():
+    """The interleaved timing's frozen, Tucker and LoRA models compute with the base model's own weight tensors;
+    full fine-tuning, whose optimiser steps them, with a copy of its own."""
+    pytest.importorskip("diffusers")
+    bench = _script("bench_unet")
+    args = argparse.Namespace(device="cpu", channels=[32, 64], frames=2, size=8, batch=1, autocast="none")
+    base = bench.build_unet(args.channels)
+    base_ptrs = {n: p.data_ptr() for n, p in base.named_parameters()}
+    for method in bench.METHODS:
+        model = bench.Run(args, method, 1000, bench.base_copy(base, method)).model
+        # the base weights under their names in the wrapped model (peft prefixes and base_layer infixes stripped)
+        ptrs = {
+            n.removeprefix("base_model.model.").replace(".base_layer", ""): p.data_ptr()
+            for n, p in model.named_parameters()
+        }
+        shared = [n for n, ptr in base_ptrs.items() if ptrs.get(n) == ptr]
+        assert len(shared) == (0 if method == "full fine-tuning" else len(base_ptrs)), method
+    assert all(not p.requires_grad for p in base.parameters())
+
+
 def test_bench_skinny_times_both_ways_on_the_same_products():
     """Both ways compute the same products (numpy as the reference), with blocks that divide the sizes or not, and
     one round of the table carries its ratios."""
