@@ -260,7 +260,8 @@ def paired_ratio(times: list[float], floor: list[float]) -> float:
 
 
 def median_of_runs(runs: list[list[dict]]) -> list[dict]:
-    """Per shape and column, the median of each ratio (and of the step time) over whole runs of the script."""
+    """Per shape and column, the median of each ratio (and of the step time) over whole runs of the script, and
+    each ratio's values in every run (``<ratio>_runs``: how far one run may land from the median)."""
     merged = []
     for shape_runs in zip(*runs, strict=True):
         rows = []
@@ -269,6 +270,8 @@ def median_of_runs(runs: list[list[dict]]) -> list[dict]:
             for key in ("train_ms", "train_ratio", "train_pipelined_ratio", "infer_ratio"):
                 if row[key] is not None:
                     row[key] = statistics.median(r[key] for r in row_runs)
+                    if key.endswith("ratio"):
+                        row[f"{key}_runs"] = [r[key] for r in row_runs]
             rows.append(row)
         merged.append({"shape": f"{shape_runs[0]['shape']} (median of {len(runs)} runs)", "rows": rows})
     return merged
@@ -308,6 +311,13 @@ def column_peak(name: str, module: nn.Module, x: torch.Tensor, device: str, amp)
         return peak_step_mb(module, x, device)
 
 
+def ratio_cell(row: dict, key: str) -> str:
+    """``1.08x``, or over several runs ``1.08x (1.06-1.10)``: the median and the lowest and highest run."""
+    runs = row.get(f"{key}_runs")
+    spread = f" ({min(runs):.2f}-{max(runs):.2f})" if runs and len(runs) > 1 else ""
+    return f"{row[key]:.2f}x{spread}"
+
+
 def markdown(result: dict) -> str:
     pipelined = result["rows"][0]["train_pipelined_ratio"] is not None
     lines = [
@@ -320,9 +330,9 @@ def markdown(result: dict) -> str:
     ]
     for r in result["rows"]:
         lines.append(
-            f"| {r['method']} | {r['params']:,} | {r['train_ms']:.1f} | {r['train_ratio']:.2f}x | "
-            + (f"{r['train_pipelined_ratio']:.2f}x | " if pipelined else "")
-            + f"{r['infer_ratio']:.2f}x | {r['saved_vs_x']:.2f} | {r['peak_mb']:.1f} |"
+            f"| {r['method']} | {r['params']:,} | {r['train_ms']:.1f} | {ratio_cell(r, 'train_ratio')} | "
+            + (f"{ratio_cell(r, 'train_pipelined_ratio')} | " if pipelined else "")
+            + f"{ratio_cell(r, 'infer_ratio')} | {r['saved_vs_x']:.2f} | {r['peak_mb']:.1f} |"
         )
     return "\n".join(lines)
 

@@ -76,6 +76,22 @@ def test_bench_layers_one_round_of_the_tiny_shape():
     assert "| tucker auto |" in bench.markdown(result)
 
 
+def test_bench_layers_median_of_runs_keeps_each_runs_ratio():
+    """Over several runs the table gives each ratio's median and the lowest and highest run."""
+    bench = _script("bench_layers")
+
+    def run(train: float, infer: float) -> list[dict]:
+        row = {"method": "tucker auto", "params": 1, "train_ms": 10 * train, "train_ratio": train,
+               "train_pipelined_ratio": None, "infer_ratio": infer, "saved_vs_x": 1.0, "peak_mb": 1.0}  # fmt: skip
+        return [{"shape": "s", "rows": [row]}]
+
+    (merged,) = bench.median_of_runs([run(1.10, 1.00), run(1.02, 1.07), run(1.05, 1.04)])
+    (row,) = merged["rows"]
+    assert row["train_ratio"] == 1.05 and row["infer_ratio"] == 1.04 and row["train_ms"] == 10.5
+    assert row["train_ratio_runs"] == [1.10, 1.02, 1.05] and "train_pipelined_ratio_runs" not in row
+    assert "| 10.5 | 1.05x (1.02-1.10) | 1.04x (1.00-1.07) |" in bench.markdown(merged)
+
+
 def test_bench_unet_interleaved_pairs_each_step_with_the_frozen_one():
     """The interleaved timing builds every method's UNet in one process and reports per-method medians and
     paired ratios (the frozen one exactly 1); tucker's budget gives peft LoRA its matched rank."""
