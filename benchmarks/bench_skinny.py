@@ -36,10 +36,9 @@ def cases(
     into ``per_thread`` blocks (fewer where they do not divide the size)."""
     (C, S), r = x.shape, z.shape[0]
     b_proj, b_up = functional.blocks_dividing(S, per_thread), functional.blocks_dividing(C, per_thread)
-    x_blocks = x.view(C, b_proj, S // b_proj).transpose(0, 1)
     return {
         "projection mm": lambda: torch.mm(M_proj, x),
-        "projection split": lambda: torch.bmm(M_proj.expand(b_proj, -1, -1), x_blocks).transpose(0, 1).reshape(r, S),
+        "projection split": lambda: functional.blocked_mm(M_proj, x, b_proj),  # the adapter's own split
         "update addmm_": lambda: y.addmm_(M_up, z),
         "update split": lambda: (
             y.view(b_up, C // b_up, S).baddbmm_(M_up.view(b_up, C // b_up, r), z.expand(b_up, -1, -1)).view(C, S)

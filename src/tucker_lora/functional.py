@@ -165,10 +165,15 @@ def blocks_dividing(n: int, most: int) -> int:
 
 
 def _project(M: torch.Tensor, x2: torch.Tensor) -> torch.Tensor:
-    """``M x2``: M (r, C), x2 (C, S) -> (r, S); as ``b`` products of (r, C) with (C, S / b) column blocks."""
-    (C, S), b = x2.shape, split_blocks(x2.shape[1], x2)
-    if b == 1:
-        return torch.mm(M, x2)
+    """``M x2``: M (r, C), x2 (C, S) -> (r, S), split into ``split_blocks`` column blocks where that pays."""
+    b = split_blocks(x2.shape[1], x2)
+    return torch.mm(M, x2) if b == 1 else blocked_mm(M, x2, b)
+
+
+def blocked_mm(M: torch.Tensor, x2: torch.Tensor, b: int) -> torch.Tensor:
+    """``M x2`` as ``b`` products of M (r, C) with the (C, S / b) column blocks of x2 in one batched matmul; b
+    divides S."""
+    C, S = x2.shape
     blocks = x2.reshape(C, b, S // b).transpose(0, 1)
     return torch.bmm(M.expand(b, -1, -1), blocks).transpose(0, 1).reshape(M.shape[0], S)
 
