@@ -144,5 +144,10 @@ def test_bench_skinny_times_both_ways_on_the_same_products():
         update = M_up.numpy() @ z.numpy()
         np.testing.assert_allclose(calls["update addmm_"]().numpy(), y0 + update, rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(calls["update split"]().numpy(), y0 + 2 * update, rtol=1e-4, atol=1e-4)
-    (row,) = bench.main(["--rounds", "1", "--sizes", "24", "40", "--threads", "2"])
-    assert row["projection ratio"] > 0 and row["update ratio"] > 0
+        for batch in (1, 4):
+            outer = bench.outer_cases(x, z, batch)
+            expected_dU = x.numpy() @ z.numpy().T  # the samples' sum is the product over all positions
+            np.testing.assert_allclose(outer["outer x z^T"]().numpy(), expected_dU, rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(outer["outer (z x^T)^T"]().numpy(), expected_dU, rtol=1e-4, atol=1e-4)
+    (row,) = bench.main(["--rounds", "1", "--sizes", "24", "40", "--threads", "2", "--cold", "--batch", "4"])
+    assert row["projection ratio"] > 0 and row["update ratio"] > 0 and row["outer ratio"] > 0

@@ -288,3 +288,76 @@ def test_auto_picks_by_shape():
     assert big_weight._choose_path(torch.randn(1, 64, 2, 2, 2), big_weight.get_base_layer(), ["default"]) == "factored"
     big_input = _adapt(nn.Conv3d(8, 8, 3, padding=1), (4, 4, 1, 1, 1), "auto")
     assert big_input._choose_path(torch.randn(1, 8, 8, 16, 16), big_input.get_base_layer(), ["default"]) == "merged"
+
+
+def test_auto_picks_by_grad_mode_between_the_factors():
+    """With the weight at half the activations (between the training and inference factors of the CPU cost model),
+    ``auto`` projects in training and merges in inference, and both give the reference output."""
+    torch.manual_seed(0)
+    base = nn.Conv3d(8, 8, 3, padding=1).double()
+    layer = _adapt(base, (4, 4, 2, 1, 1), "auto").double()
+    x = torch.randn(1, 8, 6, 6, 6, dtype=torch.float64)  # W = 1728 = 0.5 (x + y)
+    train, infer = (functional.MERGED_WEIGHT_FACTOR["cpu"][k] for k in ("train", "infer"))
+    assert train < 1728 / (2 * x.numel()) < infer
+    assert layer._choose_path(x, base, ["default"]) == "factored"
+    with torch.no_grad():
+        assert layer._choose_path(x, base, ["default"]) == "merged"
+        y = layer(x)
+        ref = _reference(base, x, base.weight + layer.get_delta_weight("default"))
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    _assert_matches_reference(layer, base, x.requires_grad_(True))
+
+
+@pytest.fixture
+def fresh_scratch():
+    functional.release_scratch()
+    yield
+    functional.release_scratch()
+
+
+def test_merged_layers_in_a_row_share_one_scratch_weight_and_stay_exact(fresh_scratch):
+    """Merged layers of different sizes in a row write their weights into one per-thread buffer (grown for the
+    larger, reused for the smaller); each forward consumes its weight before the next overwrites it, so outputs and
+    every gradient through the stack equal the reference's."""
+    torch.manual_seed(0)
+    convs = [nn.Conv3d(3, 5, 3, padding=1), nn.Conv3d(5, 7, (3, 1, 1), padding=(1, 0, 0)), nn.Conv3d(7, 2, 1)]
+    net = nn.Sequential(*convs).double()
+    pm = get_peft_model(
+        net, TuckerLoraConfig(target_modules=["0", "1", "2"], ranks=(2, 2, 1, 1, 1), init_weights=False,
+                              forward_mode="merged"),
+    ).double()  # fmt: skip
+    layers = [pm.base_model.model[i] for i in range(3)]
+    weights = [L.get_base_layer().weight + L.get_delta_weight("default") for L in layers]
+    x = torch.randn(2, 3, 4, 5, 5, dtype=torch.float64, requires_grad=True)
+    params = [p for p in pm.parameters() if p.requires_grad]
+    y = pm(x)
+    ref = x
+    for L, w in zip(layers, weights, strict=True):
+        ref = _reference(L.get_base_layer(), ref, w)
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    dy = torch.randn_like(y)
+    got = torch.autograd.grad(y, [x, *params], dy)
+    expected = torch.autograd.grad(ref, [x, *params], dy)
+    for a, b in zip(got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9)
+    (buffer,) = functional._SCRATCH.buffers.values()
+    assert buffer.numel() == max(w.numel() for w in weights)
+    with torch.no_grad():
+        torch.testing.assert_close(pm(x), ref, atol=1e-10, rtol=1e-10)
+    assert functional._SCRATCH.buffers[(buffer.device, buffer.dtype)] is buffer  # reused, not reallocated
+
+
+def test_scratch_is_per_thread_and_released(fresh_scratch):
+    import threading
+
+    w = torch.empty(4, 3, 3)
+    here = functional.scratch_like(w)
+    assert here.shape == w.shape and functional.scratch_like(w).data_ptr() == here.data_ptr()
+    other = []
+    t = threading.Thread(target=lambda: other.append(functional.scratch_like(w).data_ptr()))
+    t.start()
+    t.join()
+    assert other[0] != here.data_ptr()
+    assert functional.scratch_like(torch.empty(2, 3, device="meta")) is None
+    functional.release_scratch()
+    assert not functional._SCRATCH.buffers

@@ -22,6 +22,7 @@ All give ``layer(x)`` with the weight ``W + alpha * dW``, ``dW = K x_1 U_o x_2 U
 from __future__ import annotations
 
 import contextlib
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -110,12 +111,51 @@ def _kernel_times_U_i(K: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
     return KI.reshape(r_o, -1)
 
 
-def merged_weight(weight: torch.Tensor, Ka: torch.Tensor, U_o: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
+def merged_weight(
+    weight: torch.Tensor, Ka: torch.Tensor, U_o: torch.Tensor, U_i: torch.Tensor, out: torch.Tensor | None = None
+) -> torch.Tensor:
     """``W + Ka x_1 U_o x_2 U_i`` (``Ka = alpha K``) in the weight's dtype, the last product fused with the sum
-    (addmm)."""
+    (addmm); written into ``out`` (the weight's shape) when given."""
     KI = _as(_kernel_times_U_i(Ka, U_i), weight.dtype)
-    out = torch.addmm(weight.reshape(weight.shape[0], -1), _as(U_o, weight.dtype), KI)
-    return out.view(weight.shape)
+    W2, U_o = weight.reshape(weight.shape[0], -1), _as(U_o, weight.dtype)
+    if out is None:
+        return torch.addmm(W2, U_o, KI).view(weight.shape)
+    torch.addmm(W2, U_o, KI, out=out.view(W2.shape))
+    return out
+
+
+class _Scratch(threading.local):
+    """Per thread, one flat buffer per (device, dtype) that the merged path writes its weight into."""
+
+    def __init__(self) -> None:
+        self.buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+_SCRATCH = _Scratch()
+
+
+def scratch_like(t: torch.Tensor) -> torch.Tensor | None:
+    """A buffer of ``t``'s shape and dtype, reused from call to call on this thread (grown when too small), for a
+    tensor that is consumed before the next call; ``None`` where it does not pay or is not safe (off the CPU,
+    under ``torch.compile``).
+
+    On the CPU a fresh weight-sized allocation comes from the OS page by page (about a page fault per 4 KiB,
+    each call): forming the merged weight in a fresh tensor cost 1.07x the frozen layer's inference on the
+    640-channel (3,1,1) conv, in this buffer 1.02x. The buffer holds the largest merged weight formed so far
+    (``release_scratch`` frees it). CUDA's caching allocator already reuses its blocks.
+    """
+    if t.device.type != "cpu" or torch.compiler.is_compiling():
+        return None
+    key = (t.device, t.dtype)
+    buffer = _SCRATCH.buffers.get(key)
+    if buffer is None or buffer.numel() < t.numel():
+        buffer = _SCRATCH.buffers[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+    return buffer[: t.numel()].view(t.shape)
+
+
+def release_scratch() -> None:
+    """Free this thread's merged-weight buffers (``scratch_like``)."""
+    _SCRATCH.buffers.clear()
 
 
 def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,8 +317,9 @@ def autocast_state(device_type: str) -> tuple[bool, torch.dtype]:
 
 def _merged_output(x, weight, bias, geometry: ConvGeometry, Ka, U_o, U_i) -> torch.Tensor:
     """``conv(x, W + Ka x_1 U_o x_2 U_i, b)`` (``Ka = alpha K``): the same kernels in training (inside
-    ``AdaptedConv``, where autograd is off) and inference (where nothing it reads requires grad)."""
-    return geometry.conv(x, merged_weight(weight, Ka, U_o, U_i), bias)
+    ``AdaptedConv``, where autograd is off) and inference (where nothing it reads requires grad). The merged
+    weight is consumed here, so it goes into the thread's scratch buffer (``scratch_like``)."""
+    return geometry.conv(x, merged_weight(weight, Ka, U_o, U_i, out=scratch_like(weight)), bias)
 
 
 def _factored_output(x, weight, bias, geometry: ConvGeometry, Ka, U_o, U_i):
@@ -357,12 +398,12 @@ class AdaptedConv(torch.autograd.Function):
                 Q = channel_mix(dy, _as(U_o.T, dtype))  # (N, r_o, *S')
             if need_U_o:
                 z = g.conv(_as(P, dtype), Kd) if z is None else z
-                grads[_CORE_ARG + 1] = _as(_batch_outer(dy, _as(z, dtype)), U_o.dtype)
+                grads[_CORE_ARG + 1] = _as(batched_outer(dy, _as(z, dtype)), U_o.dtype)
             if need[0] or ctx.need_K or need_U_i:
                 P_in = _as(P, dtype) if P is not None else dy.new_empty(_projected_shape(ctx.x_shape, Ka))
                 dP, dK = g.grads(P_in, Kd, Q, need[0] or need_U_i, ctx.need_K)
             if need_U_i:
-                grads[_CORE_ARG + 2] = _as(_batch_outer(_as(x, dtype), dP), U_i.dtype)
+                grads[_CORE_ARG + 2] = _as(batched_outer(_as(x, dtype), dP), U_i.dtype)
             if need[0]:  # the merged weight's input gradient, without forming it
                 x_like = x if x is not None and x.dtype == dtype else dy.new_empty(ctx.x_shape)
                 dx = g.input_grad(x_like, _as(weight, dtype), dy)
@@ -404,18 +445,13 @@ def _projected_shape(x_shape: torch.Size, K: torch.Tensor) -> torch.Size:
     return torch.Size((x_shape[0], K.shape[1], *x_shape[2:]))
 
 
-def _batch_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_{n, s} a[n, :, s] b[n, :, s]^T``: (N, A, *S), (N, B, *S) -> (A, B), with A wide and B a rank.
+def batched_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``sum_{n, s} a[n, :, s] b[n, :, s]^T``: (N, A, *S), (N, B, *S) -> (A, B), with A wide and B a rank, as one
+    (batched) matmul.
 
-    On the CPU computed as the transpose of ``b a^T`` (B, A): BLAS runs the skinny product 1.4x-4.5x faster
-    that way round (A = 320-640 channels, B = 4), which pays for the copy autograd then makes of the
-    transposed gradient. On a GPU the two orientations take about the same time, and the copy would be one
-    more op to issue, so there it is ``a b^T`` as written."""
-    return _outer(b, a).T if a.device.type == "cpu" else _outer(a, b)
-
-
-def _outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``sum_{n, s} a[n, :, s] b[n, :, s]^T`` as one (batched) matmul."""
+    Computed as written, not as the transpose of ``b a^T``: on this CPU with the caches evicted before each call
+    (``benchmarks/bench_skinny.py --cold``), the transposed product took 1.3x-2.3x the time for one sample of
+    320-1280 channels, and 1.5x-1.8x for 8 samples of 256 positions (0.97x for 8 of 1024)."""
     N, A, B = a.shape[0], a.shape[1], b.shape[1]
     if N == 1:
         return torch.mm(a.reshape(A, -1), b.reshape(B, -1).T)
@@ -459,22 +495,27 @@ def module_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: 
 
 # ---------------------------------------------------------------------------------------------- cost model
 #: ``choose_path`` takes the merged path when the weight has fewer entries than this factor times the input
-#: and output activations together, per device type (measured with ``benchmarks/bench_layers.py``).
+#: and output activations together, per device type and grad mode (measured with ``benchmarks/bench_layers.py``
+#: and interleaved A/B runs of the two paths on 640-channel (3,1,1) convs with W / (x + y) from 0.47 to 1.9).
+#: On the CPU the merged weight goes into a reused buffer (``scratch_like``). In training both paths project x
+#: (``P`` is needed for the gradients), so merged trades the update of y for forming the weight: a tie from 0.47
+#: to 0.63, factored ahead at 0.94. In inference merged skips the projection as well: ahead at 0.47-0.94
+#: (1.03x-1.04x the frozen layer against 1.05x-1.06x at 0.47), factored ahead at 1.9.
 #: On CUDA (H100) the factored path was as fast or faster on every layer shape of the benchmark in two runs,
 #: in training and in inference: forming the merged weight is more ops to issue, and a step there is mostly
 #: the host issuing ops, so ``auto`` always takes the factored path.
-MERGED_WEIGHT_FACTOR = {"cpu": 0.3, "cuda": 0.0}
+MERGED_WEIGHT_FACTOR = {"cpu": {"train": 0.3, "infer": 1.0}, "cuda": {"train": 0.0, "infer": 0.0}}
 
 
-def choose_path(weight_numel: int, x_numel: int, y_numel: int, device_type: str = "cpu") -> str:
-    """``"merged"`` or ``"factored"`` for one plain conv call.
+def choose_path(weight_numel: int, x_numel: int, y_numel: int, device_type: str = "cpu", grad: bool = True) -> str:
+    """``"merged"`` or ``"factored"`` for one plain conv call (``grad``: autograd records it).
 
-    Both share one backward (``AdaptedConv``), so only the forwards differ. merged forms
-    ``W + alpha * dW``: a read and a write of the weight into a fresh allocation (on CPU a large one
-    page-faults, about one more pass), three to four weight-sized passes in all. factored projects x
-    (one pass over x) and adds ``alpha * U_o z`` into the base output in place (a read and a write of y).
-    With x and y alike, merged is cheaper when the weight is below about 3/8 of x + y; on CPU the
-    benchmark put the crossing a little lower, near 0.3 (``MERGED_WEIGHT_FACTOR``, per device type).
+    Both share one backward (``AdaptedConv``), so only the forwards differ. merged forms ``W + alpha * dW``
+    (a read of the weight and a write of one weight-sized buffer) and, in training, projects x for the
+    backward; factored projects x and adds ``alpha * U_o z`` into the base output in place (a read and a write
+    of y). So in training merged trades the update of y for forming the weight, and in inference the projection
+    of x as well: the crossing lies at a larger weight there (``MERGED_WEIGHT_FACTOR``).
     """
-    factor = MERGED_WEIGHT_FACTOR.get(device_type, 1.0)
+    factors = MERGED_WEIGHT_FACTOR.get(device_type, {"train": 1.0, "infer": 1.0})
+    factor = factors["train" if grad else "infer"]
     return "merged" if weight_numel < factor * (x_numel + y_numel) else "factored"

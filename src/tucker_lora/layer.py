@@ -314,7 +314,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             return self.forward_mode
         weight = base.weight
         y_numel = x.numel() // weight.shape[1] * weight.shape[0]  # stride-1 estimate of the output size
-        return choose_path(weight.numel(), x.numel(), y_numel, x.device.type)
+        return choose_path(weight.numel(), x.numel(), y_numel, x.device.type, grad=torch.is_grad_enabled())
 
     def __repr__(self) -> str:
         return "tucker_lora." + super().__repr__()
