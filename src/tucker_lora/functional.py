@@ -5,7 +5,8 @@ All give ``layer(x)`` with the weight ``W + alpha * dW``, ``dW = K x_1 U_o x_2 U
 
 - factored: ``base(x) + alpha * U_o . conv(U_i^T x, K)``; dW is never formed. The channel
   projections are batched matmuls and the update is added into the base output in place.
-- merged: one convolution with ``W + alpha * dW``.
+- merged: one convolution with ``W + alpha * dW`` (on the CPU formed in a reused per-thread buffer,
+  ``scratch_like``).
 - Both run, for one adapter in training, as one autograd node (``AdaptedConv``) with one backward:
   the input gradient is the base weight's plus ``alpha * U_i conv_input(Q, K)``, and the adapter
   gradients come from the projections ``P = U_i^T x``, ``Q = U_o^T dy`` and a small kernel-sized
@@ -16,7 +17,7 @@ All give ``layer(x)`` with the weight ``W + alpha * dW``, ``dW = K x_1 U_o x_2 U
 - module: the layer's own forward with its weight swapped (grouped convs, Conv subclasses that
   override ``forward``), always exact.
 
-``choose_path`` is the cost model behind ``forward_mode="auto"``.
+``choose_path`` is the cost model behind ``forward_mode="auto"`` (shapes, device and grad mode).
 """
 
 from __future__ import annotations
