@@ -151,3 +151,44 @@ def test_bench_skinny_times_both_ways_on_the_same_products():
             np.testing.assert_allclose(outer["outer (z x^T)^T"]().numpy(), expected_dU, rtol=1e-4, atol=1e-4)
     (row,) = bench.main(["--rounds", "1", "--sizes", "24", "40", "--threads", "2", "--cold", "--batch", "4"])
     assert row["projection ratio"] > 0 and row["update ratio"] > 0 and row["outer ratio"] > 0
+
+
+def test_bench_pair_reports_the_median_of_paired_ratios():
+    """``bench_pair`` pairs each round's times: its ratio is the median of the per-round ratios (numpy from the raw
+    times), its interval brackets it, and a prefix naming two columns is refused."""
+    pytest.importorskip("lycoris")
+    layers = _script("bench_layers")
+    bench = _script("bench_pair")
+    tiny = layers.SHAPES.index(layers.TINY)
+    result = bench.main(["--shape", str(tiny), "--columns", "tucker auto", "LyCORIS", "--rounds", "5", "--warmup", "1"])
+    times = result["times"]
+    (lycoris,) = (k for k in times if k.startswith("LyCORIS"))
+    ratios = np.array(times["tucker auto"]) / np.array(times[lycoris])
+    entry = result[f"tucker auto / {lycoris}"]
+    assert entry["median"] == pytest.approx(float(np.median(ratios)))
+    assert entry["first_faster"] == int((ratios < 1).sum())
+    assert len(times["frozen base"]) == 5
+    med, low, high = bench.median_interval([float(v) for v in range(1, 102)])
+    assert med == 51 and 40 < low < 51 < high < 62
+    assert bench.median_interval([2.0] * 9) == (2.0, 2.0, 2.0)
+    with pytest.raises(SystemExit, match="matches"):
+        bench.find_column({"tucker auto": None, "tucker merged": None}, "tucker")
+
+
+def test_bench_pair_fresh_weight_column_skips_only_the_buffer():
+    """The ``fresh weight`` column computes what the merged column does, without touching the scratch buffer."""
+    layers = _script("bench_layers")
+    bench = _script("bench_pair")
+    from tucker_lora import functional
+
+    columns = layers.build_columns(layers.TINY, (4, 4, 1, 1, 1), "cpu")
+    fresh = bench.FreshWeight(columns["tucker merged"])
+    x = torch.randn(layers.TINY.input)
+    functional.release_scratch()
+    with torch.no_grad():
+        y_fresh = fresh(x)
+        assert not functional._SCRATCH.buffers
+        y_merged = columns["tucker merged"](x)
+        assert functional._SCRATCH.buffers
+    functional.release_scratch()
+    assert torch.equal(y_fresh, y_merged)

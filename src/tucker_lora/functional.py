@@ -496,8 +496,9 @@ def module_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: 
 
 # ---------------------------------------------------------------------------------------------- cost model
 #: ``choose_path`` takes the merged path when the weight has fewer entries than this factor times the input
-#: and output activations together, per device type and grad mode (measured with ``benchmarks/bench_layers.py``
-#: and interleaved A/B runs of the two paths on 640-channel (3,1,1) convs with W / (x + y) from 0.47 to 1.9).
+#: and output activations together, per device type and grad mode (measured with ``benchmarks/bench_layers.py``,
+#: ``benchmarks/bench_pair.py`` and interleaved A/B runs of the two paths on 640-channel (3,1,1) convs with
+#: W / (x + y) from 0.47 to 1.9).
 #: On the CPU the merged weight goes into a reused buffer (``scratch_like``). In training both paths project x
 #: (``P`` is needed for the gradients), so merged trades the update of y for forming the weight: a tie from 0.47
 #: to 0.63, factored ahead at 0.94. In inference merged skips the projection as well: ahead at 0.47-0.94
