@@ -11,6 +11,7 @@ of the reused buffer (``functional.scratch_like``), to time what the buffer save
     python benchmarks/bench_pair.py --shape 2 --columns "tucker auto" LyCORIS --rounds 300
     python benchmarks/bench_pair.py --shape 1 --columns "tucker merged" "tucker factored" --inference
     python benchmarks/bench_pair.py --shape 1 --columns "tucker merged" "tucker merged, fresh weight" --inference
+    python benchmarks/bench_pair.py --shape 1 --spatial 8 8 16 --columns "tucker merged" "tucker factored"
 """
 
 from __future__ import annotations
@@ -90,8 +91,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--ranks", type=int, nargs=5, default=(4, 4, 1, 1, 1))
     parser.add_argument("--inference", action="store_true", help="time the no-grad forward, not a training step")
+    parser.add_argument("--spatial", type=int, nargs="+", help="the input's spatial size instead of the shape's")
     args = parser.parse_args(argv)
     shape = bench_layers.SHAPES[args.shape]
+    if args.spatial:
+        size = (*shape.input[:2], *args.spatial)
+        shape = bench_layers.Shape(
+            f"{shape.name.rsplit(', ', 1)[0]}, {'x'.join(map(str, args.spatial))}", shape.conv, size
+        )
     columns = bench_layers.build_columns(shape, tuple(args.ranks), "cpu")
     columns[FRESH] = FreshWeight(columns["tucker merged"])
     first, second = (find_column(columns, c) for c in args.columns)

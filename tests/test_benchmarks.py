@@ -173,6 +173,8 @@ def test_bench_pair_reports_the_median_of_paired_ratios():
     assert bench.median_interval([2.0] * 9) == (2.0, 2.0, 2.0)
     with pytest.raises(SystemExit, match="matches"):
         bench.find_column({"tucker auto": None, "tucker merged": None}, "tucker")
+    small = bench.main(["--shape", str(tiny), "--spatial", "2", "3", "2", "--rounds", "1", "--inference"])
+    assert small["shape"] == "Conv3d 16x16x(3,3,3), 2x3x2" and small["kind"] == "inference"
 
 
 def test_bench_pair_fresh_weight_column_skips_only_the_buffer():

@@ -496,13 +496,13 @@ def module_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: 
 
 # ---------------------------------------------------------------------------------------------- cost model
 #: ``choose_path`` takes the merged path when the weight has fewer entries than this factor times the input
-#: and output activations together, per device type and grad mode (measured with ``benchmarks/bench_layers.py``,
-#: ``benchmarks/bench_pair.py`` and interleaved A/B runs of the two paths on 640-channel (3,1,1) convs with
-#: W / (x + y) from 0.47 to 1.9).
-#: On the CPU the merged weight goes into a reused buffer (``scratch_like``). In training both paths project x
-#: (``P`` is needed for the gradients), so merged trades the update of y for forming the weight: a tie from 0.47
-#: to 0.63, factored ahead at 0.94. In inference merged skips the projection as well: ahead at 0.47-0.94
-#: (1.03x-1.04x the frozen layer against 1.05x-1.06x at 0.47), factored ahead at 1.9.
+#: and output activations together, per device type and grad mode. On the CPU the merged weight goes into a
+#: reused buffer (``scratch_like``). Measured with ``benchmarks/bench_pair.py`` (merged / factored, paired over
+#: 120-200 rounds) on the 640-channel (3,1,1) conv with W / (x + y) = 0.47, 0.63, 0.94 and 1.9 (``--spatial``):
+#: in training both paths project x (``P`` is needed for the gradients), so merged trades the update of y for
+#: forming the weight: 1.001, 1.007, 1.013 at 0.47-0.94, factored ahead from about 0.5 (the factor stays at
+#: the older benchmark's 0.3). In inference merged skips the projection as well: 0.979 at 0.47, 0.998 and 0.999
+#: at 0.63 and 0.94, 1.010 at 1.9, hence 1.0.
 #: On CUDA (H100) the factored path was as fast or faster on every layer shape of the benchmark in two runs,
 #: in training and in inference: forming the merged weight is more ops to issue, and a step there is mostly
 #: the host issuing ops, so ``auto`` always takes the factored path.
