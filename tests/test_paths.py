@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import pytest
@@ -361,3 +362,20 @@ def test_scratch_is_per_thread_and_released(fresh_scratch):
     assert functional.scratch_like(torch.empty(2, 3, device="meta")) is None
     functional.release_scratch()
     assert not functional._SCRATCH.buffers
+
+
+@pytest.mark.parametrize("first", ["inference_mode", "no_grad", "train"])
+def test_merged_scratch_survives_inference_mode_and_training_in_any_order(first, fresh_scratch):
+    """The merged weight's buffer, first made under ``first``, serves inference mode, no-grad and training calls
+    after it with the reference's outputs (an inference tensor as buffer could not be written outside inference
+    mode)."""
+    torch.manual_seed(0)
+    base = nn.Conv3d(4, 5, 3, padding=1).double()
+    layer = _adapt(base, (2, 2, 1, 1, 1), "merged").double()
+    x = torch.randn(1, 4, 4, 4, 4, dtype=torch.float64)
+    ref = _reference(base, x, base.weight + layer.get_delta_weight("default")).detach()
+    contexts = {"inference_mode": torch.inference_mode, "no_grad": torch.no_grad, "train": contextlib.nullcontext}
+    for name in [first, *contexts]:
+        with contexts[name]():
+            torch.testing.assert_close(layer(x), ref, atol=1e-10, rtol=1e-10)
+    _assert_matches_reference(layer, base, x.clone().requires_grad_(True))

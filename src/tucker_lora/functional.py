@@ -141,16 +141,19 @@ def scratch_like(t: torch.Tensor) -> torch.Tensor | None:
     under ``torch.compile``).
 
     On the CPU a fresh weight-sized allocation comes from the OS page by page (about a page fault per 4 KiB,
-    each call): forming the merged weight in a fresh tensor cost 1.07x the frozen layer's inference on the
-    640-channel (3,1,1) conv, in this buffer 1.02x. The buffer holds the largest merged weight formed so far
-    (``release_scratch`` frees it). CUDA's caching allocator already reuses its blocks.
+    each call): forming the merged weight in a fresh tensor cost 1.079x the frozen layer's inference on the
+    640-channel (3,1,1) conv, in this buffer 1.030x (``benchmarks/bench_pair.py``). The buffer holds the largest
+    merged weight formed so far (``release_scratch`` frees it). It is made a normal tensor even under
+    ``torch.inference_mode`` (an inference tensor could not be written once outside it). CUDA's caching
+    allocator already reuses its blocks.
     """
     if t.device.type != "cpu" or torch.compiler.is_compiling():
         return None
     key = (t.device, t.dtype)
     buffer = _SCRATCH.buffers.get(key)
     if buffer is None or buffer.numel() < t.numel():
-        buffer = _SCRATCH.buffers[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
+        with torch.inference_mode(False):
+            buffer = _SCRATCH.buffers[key] = torch.empty(t.numel(), dtype=t.dtype, device=t.device)
     return buffer[: t.numel()].view(t.shape)
 
 
