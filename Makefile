@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
-# torch first (a pinned CPU build, see DEVELOPERS.md), then the project with its extras
+# torch first (pinned to TORCH_VERSION; `make TORCH_VERSION=... test` to change it), then the project with its extras
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
