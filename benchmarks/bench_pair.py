@@ -121,6 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
     times = timed_rounds(calls, args.rounds, args.warmup, step, cleanup)
     result = {"shape": shape.name, "kind": "inference" if args.inference else "training step", "times": times}
     lines = [f"**{shape.name}**, {result['kind']}, {args.rounds} rounds", ""]
+    medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
+    lines.append("- median ms: " + ", ".join(f"{name} {ms:.3f}" for name, ms in medians.items()))
     for a, b in ((first, "frozen base"), (second, "frozen base"), (first, second)):
         ratios = [p / q for p, q in zip(times[a], times[b], strict=True)]
         med, low, high = median_interval(ratios)
