@@ -20,9 +20,9 @@ import argparse
 import json
 import random
 import statistics
-import time
 
 import bench_layers
+import bench_skinny
 import torch
 from torch import nn
 
@@ -65,24 +65,6 @@ def median_interval(values: list[float], draws: int = 2000, seed: int = 0) -> tu
     return statistics.median(values), medians[int(0.025 * draws)], medians[int(0.975 * draws) - 1]
 
 
-def timed_rounds(calls: dict[str, object], rounds: int, warmup: int, step, cleanup) -> dict[str, list[float]]:
-    """Seconds of ``step(call)`` per round for every call, each round in a new random order (``cleanup`` after
-    each step, untimed)."""
-    order = random.Random(0)
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    for i in range(warmup + rounds):
-        names = list(calls)
-        order.shuffle(names)
-        for name in names:
-            t0 = time.perf_counter()
-            step(calls[name])
-            elapsed = time.perf_counter() - t0
-            cleanup(calls[name])
-            if i >= warmup:
-                times[name].append(elapsed)
-    return times
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", type=int, default=2, help="index into bench_layers.SHAPES (CPU sizes)")
@@ -102,7 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
     columns = bench_layers.build_columns(shape, tuple(args.ranks), "cpu")
     columns[FRESH] = FreshWeight(columns["tucker merged"])
     first, second = (find_column(columns, c) for c in args.columns)
-    calls = {name: columns[name] for name in ("frozen base", first, second)}
+    modules = {name: columns[name] for name in ("frozen base", first, second)}
     x = torch.randn(shape.input, requires_grad=True)
     with torch.no_grad():
         dy = torch.randn_like(bench_layers.call(columns["frozen base"], x))
@@ -114,11 +96,14 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             bench_layers.train_step(module, x, dy)
 
-    def cleanup(module):
-        module.zero_grad(set_to_none=True)
+    def cleanup():  # before every timed call: no gradient left from the last one
+        for module in modules.values():
+            module.zero_grad(set_to_none=True)
         x.grad = None
 
-    times = timed_rounds(calls, args.rounds, args.warmup, step, cleanup)
+    calls = {name: (lambda m=module: step(m)) for name, module in modules.items()}
+    bench_skinny.interleaved(calls, args.warmup, cleanup)
+    times = bench_skinny.interleaved(calls, args.rounds, cleanup)
     result = {"shape": shape.name, "kind": "inference" if args.inference else "training step", "times": times}
     lines = [f"**{shape.name}**, {result['kind']}, {args.rounds} rounds", ""]
     medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}

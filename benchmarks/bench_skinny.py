@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--cold", action="store_true", help="evict the caches before every call")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    flush = torch.empty(16 << 20)  # 64 MiB, twice this machine's L3
+    flush = torch.empty(16 << 20 if args.cold else 0)  # 64 MiB, twice this machine's L3
     before = (lambda: flush.add_(1.0)) if args.cold else (lambda: None)
     print(
         f"{args.threads} threads, rank {args.rank}, {args.rounds} rounds, "

@@ -157,7 +157,7 @@ def test_bench_pair_reports_the_median_of_paired_ratios():
     """``bench_pair`` pairs each round's times: its ratio is the median of the per-round ratios (numpy from the raw
     times), its interval brackets it, and a prefix naming two columns is refused."""
     pytest.importorskip("lycoris")
-    layers = _script("bench_layers")
+    layers, _ = _script("bench_layers"), _script("bench_skinny")  # bench_pair imports both
     bench = _script("bench_pair")
     tiny = layers.SHAPES.index(layers.TINY)
     result = bench.main(["--shape", str(tiny), "--columns", "tucker auto", "LyCORIS", "--rounds", "5", "--warmup", "1"])
@@ -179,7 +179,7 @@ def test_bench_pair_reports_the_median_of_paired_ratios():
 
 def test_bench_pair_fresh_weight_column_skips_only_the_buffer():
     """The ``fresh weight`` column computes what the merged column does, without touching the scratch buffer."""
-    layers = _script("bench_layers")
+    layers, _ = _script("bench_layers"), _script("bench_skinny")  # bench_pair imports both
     bench = _script("bench_pair")
     from tucker_lora import functional
 
