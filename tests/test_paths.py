@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
 
 import pytest
 import torch
@@ -349,8 +350,6 @@ def test_merged_layers_in_a_row_share_one_scratch_weight_and_stay_exact(fresh_sc
 
 
 def test_scratch_is_per_thread_and_released(fresh_scratch):
-    import threading
-
     w = torch.empty(4, 3, 3)
     here = functional.scratch_like(w)
     assert here.shape == w.shape and functional.scratch_like(w).data_ptr() == here.data_ptr()
