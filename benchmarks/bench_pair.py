@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> dict:
         x.grad = None
 
     calls = {name: (lambda m=module: step(m)) for name, module in modules.items()}
-    bench_skinny.interleaved(calls, args.warmup, cleanup)
-    times = bench_skinny.interleaved(calls, args.rounds, cleanup)
+    timed = bench_skinny.interleaved(calls, args.warmup + args.rounds, cleanup)
+    times = {name: t[args.warmup :] for name, t in timed.items()}  # the warm-up rounds dropped
     result = {"shape": shape.name, "kind": "inference" if args.inference else "training step", "times": times}
     lines = [f"**{shape.name}**, {result['kind']}, {args.rounds} rounds", ""]
     medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tucker_lora import TuckerLoraLayer
+from tucker_lora import TuckerLoraLayer, functional
 
 BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -181,8 +181,6 @@ def test_bench_pair_fresh_weight_column_skips_only_the_buffer():
     """The ``fresh weight`` column computes what the merged column does, without touching the scratch buffer."""
     layers, _ = _script("bench_layers"), _script("bench_skinny")  # bench_pair imports both
     bench = _script("bench_pair")
-    from tucker_lora import functional
-
     columns = layers.build_columns(layers.TINY, (4, 4, 1, 1, 1), "cpu")
     fresh = bench.FreshWeight(columns["tucker merged"])
     x = torch.randn(layers.TINY.input)
