@@ -18,6 +18,7 @@ from torch.utils.checkpoint import checkpoint
 from tucker_lora import TuckerLoraConfig, TuckerLoraLayer, functional
 from tucker_lora.functional import AdaptedConv, ConvGeometry
 from tucker_lora.testing import saved_activation_bytes
+from tucker_lora.tucker import reconstruct
 
 MODES = ["factored", "merged", "auto"]
 #: CUDA runs the same checks when present (on a GPU machine); CI has only the CPU.
@@ -283,6 +284,33 @@ def test_gradient_checkpointing(mode):
     ckpt = torch.autograd.grad(checkpoint(pm, x, use_reentrant=False).square().sum(), [x, *params])
     for a, b in zip(plain, ckpt, strict=True):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_functional_call_and_assigned_state_reach_the_adapter(mode):
+    """The per-call path reads the core and factors from the ParameterDicts' own dicts; tensors put there by
+    ``torch.func.functional_call`` and by ``load_state_dict(assign=True)`` are the ones it computes with: the output
+    and the substituted tensors' gradients equal the base conv's with ``W + dW`` built from those tensors."""
+    torch.manual_seed(0)
+    base = nn.Conv3d(3, 5, 3, padding=1).double()
+    layer = _adapt(base, (2, 2, 2, 1, 1), mode).double()
+    x = torch.randn(1, 3, 4, 5, 5, dtype=torch.float64)
+    new = {n: torch.randn_like(p, requires_grad=True) for n, p in _adapter_params(layer).items()}
+    before = layer(x)
+    y = torch.func.functional_call(layer, new, (x,))
+    assert not torch.allclose(y, before)  # the substitution took effect
+    mr = layer.mode_ranks["default"]
+    core = new["tucker_lora_core.default"]
+    factors = [new[f"tucker_lora_U_{m}.default"] for m in mr.modes]
+    ref = _reference(base, x, base.weight + reconstruct(core, factors))
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    dy = torch.randn_like(ref)
+    got = torch.autograd.grad(y, list(new.values()), dy)
+    expected = torch.autograd.grad(ref, list(new.values()), dy)
+    for name, a, b in zip(new, got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
+    layer.load_state_dict({n: t.detach() for n, t in new.items()}, strict=False, assign=True)
+    torch.testing.assert_close(layer(x), ref, atol=1e-10, rtol=1e-10)
 
 
 def test_auto_picks_by_shape():

@@ -195,7 +195,7 @@ SPLIT_MIN_NUMEL = 1 << 18
 def split_blocks(n: int, t: torch.Tensor) -> int:
     """How many blocks to split a projection of ``t`` into along a dim of size ``n`` (1: no split; always
     under ``torch.compile``, which generates its own kernels)."""
-    if t.device.type != "cpu" or t.numel() < SPLIT_MIN_NUMEL or torch.compiler.is_compiling():
+    if t.numel() < SPLIT_MIN_NUMEL or t.device.type != "cpu" or torch.compiler.is_compiling():
         return 1
     threads = torch.get_num_threads()
     return 1 if threads < 2 else blocks_dividing(n, SPLIT_PER_THREAD * threads)

@@ -59,6 +59,14 @@ def _first_input(args: tuple, kwargs: dict[str, Any]) -> torch.Tensor:
     raise TypeError("adapted layer called without an input tensor")
 
 
+def _entry(params: nn.ParameterDict, name: str) -> torch.Tensor:
+    """``params[name]`` read from the dict the ParameterDict keeps its entries in (where FSDP,
+    ``torch.func.functional_call`` and ``load_state_dict(assign=True)`` put their tensors too), skipping the
+    module attribute lookup of ``params[name]``: the per-call path reads one per mode on every call."""
+    entry = params._parameters.get(name)
+    return params[name] if entry is None else entry
+
+
 def _check_weight(weight: object, layer_name: str) -> None:
     """The base weight must be a plain floating-point tensor (quantised or lazy weights are refused by name)."""
     if not isinstance(weight, torch.Tensor):
@@ -184,7 +192,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
 
     def _factors(self, adapter_name: str, core: torch.Tensor) -> list[torch.Tensor]:
         return [
-            self._centre_tap(dim, core) if params is None else params[adapter_name]
+            self._centre_tap(dim, core) if params is None else _entry(params, adapter_name)
             for params, dim in self._factor_sources[adapter_name]
         ]
 
@@ -204,7 +212,15 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         return delta.to(dtype=weight.dtype, device=weight.device)
 
     def _active(self) -> list[str]:
-        return [a for a in self.active_adapters if a in self.tucker_lora_core]
+        names = self._active_adapter
+        cores = self.tucker_lora_core
+        return ([names] if names in cores else []) if isinstance(names, str) else [a for a in names if a in cores]
+
+    def get_base_layer(self) -> nn.Module:
+        """The wrapped layer (peft's lookup, without its ``hasattr`` probe, which raises and catches an
+        AttributeError on every call for a plain base layer)."""
+        base = self._modules["base_layer"]
+        return base if "base_layer" not in base._modules else super().get_base_layer()
 
     # ------------------------------------------------------------------ merge
     def merge(self, safe_merge: bool = False, adapter_names: Optional[list[str]] = None) -> None:
@@ -264,7 +280,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
 
     def _compute_tensors(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """Core and factors in the dtype the layer computes in: x's, for low-precision inputs (fp32 params)."""
-        core = self.tucker_lora_core[adapter_name]
+        core = _entry(self.tucker_lora_core, adapter_name)
         factors = self._factors(adapter_name, core)
         if x.dtype != core.dtype and x.is_floating_point():
             core, factors = core.to(x.dtype), [U.to(x.dtype) for U in factors]
@@ -291,8 +307,9 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
                 f"layer '{self.layer_name}': the base weight is on the meta device (never loaded?); load the "
                 "model's weights before running it"
             )
+        cores = self.tucker_lora_core
         for name in active:
-            if self.tucker_lora_core[name].is_meta:
+            if _entry(cores, name).is_meta:
                 raise RuntimeError(
                     f"layer '{self.layer_name}': adapter '{name}' (tucker_lora_core) is on the meta device (created "
                     "with low_cpu_mem_usage and never loaded?); load its state dict before running the model"
