@@ -212,9 +212,9 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         return delta.to(dtype=weight.dtype, device=weight.device)
 
     def _active(self) -> list[str]:
-        names = self._active_adapter
+        names = self._active_adapter  # peft's ``active_adapters`` without its two property calls
         cores = self.tucker_lora_core
-        return ([names] if names in cores else []) if isinstance(names, str) else [a for a in names if a in cores]
+        return [a for a in ([names] if isinstance(names, str) else names) if a in cores]
 
     def get_base_layer(self) -> nn.Module:
         """The wrapped layer (peft's lookup, without its ``hasattr`` probe, which raises and catches an
