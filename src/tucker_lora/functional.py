@@ -125,6 +125,12 @@ def merged_weight(
     return out
 
 
+def _eager_on_cpu(t: torch.Tensor) -> bool:
+    """True for a CPU tensor outside ``torch.compile``: where the CPU-only measures of this module (the scratch
+    buffer, split projections) apply; a compiled graph generates its own kernels and buffers."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 class _Scratch(threading.local):
     """Per thread, one flat buffer per (device, dtype) that the merged path writes its weight into."""
 
@@ -147,7 +153,7 @@ def scratch_like(t: torch.Tensor) -> torch.Tensor | None:
     ``torch.inference_mode`` (an inference tensor could not be written once outside it). CUDA's caching
     allocator already reuses its blocks.
     """
-    if t.device.type != "cpu" or torch.compiler.is_compiling():
+    if not _eager_on_cpu(t):
         return None
     key = (t.device, t.dtype)
     buffer = _SCRATCH.buffers.get(key)
@@ -195,7 +201,7 @@ SPLIT_MIN_NUMEL = 1 << 18
 def split_blocks(n: int, t: torch.Tensor) -> int:
     """How many blocks to split a projection of ``t`` into along a dim of size ``n`` (1: no split; always
     under ``torch.compile``, which generates its own kernels)."""
-    if t.numel() < SPLIT_MIN_NUMEL or t.device.type != "cpu" or torch.compiler.is_compiling():
+    if t.numel() < SPLIT_MIN_NUMEL or not _eager_on_cpu(t):
         return 1
     threads = torch.get_num_threads()
     return 1 if threads < 2 else blocks_dividing(n, SPLIT_PER_THREAD * threads)
