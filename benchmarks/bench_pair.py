@@ -8,7 +8,7 @@ first was the faster. Columns are named as in ``bench_layers.py`` (a prefix is e
 plus ``tucker merged, fresh weight``: the merged path with its weight formed in a new tensor on every call instead
 of the reused buffer (``functional.scratch_like``), to time what the buffer saves.
 
-    python benchmarks/bench_pair.py --shape 2 --columns "tucker auto" LyCORIS --rounds 300
+    python benchmarks/bench_pair.py --shape 2 --columns "tucker auto" LyCORIS --rounds 1000 --jitter
     python benchmarks/bench_pair.py --shape 1 --columns "tucker merged" "tucker factored" --inference
     python benchmarks/bench_pair.py --shape 1 --columns "tucker merged" "tucker merged, fresh weight" --inference
     python benchmarks/bench_pair.py --shape 1 --spatial 8 8 16 --columns "tucker merged" "tucker factored"
@@ -29,6 +29,25 @@ from torch import nn
 from tucker_lora import functional
 
 FRESH = "tucker merged, fresh weight"
+
+#: ``--jitter``'s largest pad in bytes. On the 1280-channel layer the time of the base convolution's input gradient
+#: moved with nothing but where its buffers land: a 330 KB tensor allocated before it and held through it changed
+#: Tucker's step by 0.993 (0.989-1.000), about the gap to LyCORIS there, so a comparison from one allocation pattern
+#: can be luck. A random pad per call spreads the placements over the rounds.
+PAD_MAX = 16 << 20
+
+
+class Jitter:
+    """Called before each timed call: frees the last pad and allocates a new one of a random size below ``PAD_MAX``
+    bytes (never written, so it costs no page-ins), which stays alive through the call."""
+
+    def __init__(self, seed: int = 1) -> None:
+        self.rng = random.Random(seed)
+        self.pad: torch.Tensor | None = None
+
+    def __call__(self) -> None:
+        self.pad = None
+        self.pad = torch.empty(self.rng.randrange(PAD_MAX // 4))
 
 
 class FreshWeight(nn.Module):
@@ -74,6 +93,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--ranks", type=int, nargs=5, default=(4, 4, 1, 1, 1))
     parser.add_argument("--inference", action="store_true", help="time the no-grad forward, not a training step")
     parser.add_argument("--spatial", type=int, nargs="+", help="the input's spatial size instead of the shape's")
+    parser.add_argument(
+        "--jitter",
+        action="store_true",
+        help="hold a pad tensor of random size (0-16 MB, untouched) across every timed call, so the call's own "
+        "buffers land somewhere new each time (see PAD_MAX)",
+    )
     args = parser.parse_args(argv)
     shape = bench_layers.SHAPES[args.shape]
     if args.spatial:
@@ -96,16 +121,20 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             bench_layers.train_step(module, x, dy)
 
+    jitter = Jitter() if args.jitter else lambda: None
+
     def cleanup():  # before every timed call: no gradient left from the last one
         for module in modules.values():
             module.zero_grad(set_to_none=True)
         x.grad = None
+        jitter()
 
     calls = {name: (lambda m=module: step(m)) for name, module in modules.items()}
     timed = bench_skinny.interleaved(calls, args.warmup + args.rounds, cleanup)
     times = {name: t[args.warmup :] for name, t in timed.items()}  # the warm-up rounds dropped
     result = {"shape": shape.name, "kind": "inference" if args.inference else "training step", "times": times}
-    lines = [f"**{shape.name}**, {result['kind']}, {args.rounds} rounds", ""]
+    result["jitter"] = args.jitter
+    lines = [f"**{shape.name}**, {result['kind']}, {args.rounds} rounds{', allocation jitter' * args.jitter}", ""]
     medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     lines.append("- median ms: " + ", ".join(f"{name} {ms:.3f}" for name, ms in medians.items()))
     for a, b in ((first, "frozen base"), (second, "frozen base"), (first, second)):

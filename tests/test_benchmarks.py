@@ -177,6 +177,24 @@ def test_bench_pair_reports_the_median_of_paired_ratios():
     assert small["shape"] == "Conv3d 16x16x(3,3,3), 2x3x2" and small["kind"] == "inference"
 
 
+def test_bench_pair_jitter_holds_a_new_pad_of_random_size_per_call():
+    """``--jitter``: before each call the last pad is freed and one of another size, under ``PAD_MAX`` bytes, is
+    held; the run says it jittered."""
+    pytest.importorskip("lycoris")
+    layers, _ = _script("bench_layers"), _script("bench_skinny")  # bench_pair imports both
+    bench = _script("bench_pair")
+    jitter, sizes = bench.Jitter(), []
+    for _ in range(6):
+        last = jitter.pad
+        jitter()
+        assert jitter.pad is not last and jitter.pad.numel() * 4 < bench.PAD_MAX
+        sizes.append(jitter.pad.numel())
+    assert len(set(sizes)) == len(sizes)
+    tiny = str(layers.SHAPES.index(layers.TINY))
+    assert bench.main(["--shape", tiny, "--rounds", "2", "--warmup", "1", "--jitter"])["jitter"] is True
+    assert bench.main(["--shape", tiny, "--rounds", "1", "--warmup", "0"])["jitter"] is False
+
+
 def test_bench_pair_fresh_weight_column_skips_only_the_buffer():
     """The ``fresh weight`` column computes what the merged column does, without touching the scratch buffer."""
     layers, _ = _script("bench_layers"), _script("bench_skinny")  # bench_pair imports both
