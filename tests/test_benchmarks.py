@@ -30,6 +30,12 @@ def _script(name: str) -> ModuleType:
     return module
 
 
+def _pair_script() -> tuple[ModuleType, ModuleType]:
+    """``(bench_layers, bench_pair)``, with bench_skinny imported first too: bench_pair imports both."""
+    layers, _ = _script("bench_layers"), _script("bench_skinny")
+    return layers, _script("bench_pair")
+
+
 @pytest.mark.parametrize("shape", ["TINY", "640"])
 def test_bench_layers_columns_are_layers_at_matched_budgets(shape):
     """Every adapter column is the adapted layer itself (no model-level wrapper, as LyCORIS's), and the
@@ -157,8 +163,7 @@ def test_bench_pair_reports_the_median_of_paired_ratios():
     """``bench_pair`` pairs each round's times: its ratio is the median of the per-round ratios (numpy from the raw
     times), its interval brackets it, and a prefix naming two columns is refused."""
     pytest.importorskip("lycoris")
-    layers, _ = _script("bench_layers"), _script("bench_skinny")  # bench_pair imports both
-    bench = _script("bench_pair")
+    layers, bench = _pair_script()
     tiny = layers.SHAPES.index(layers.TINY)
     result = bench.main(["--shape", str(tiny), "--columns", "tucker auto", "LyCORIS", "--rounds", "5", "--warmup", "1"])
     times = result["times"]
@@ -181,8 +186,7 @@ def test_bench_pair_jitter_holds_a_new_pad_of_random_size_per_call():
     """``--jitter``: before each call the last pad is freed and one of another size, under ``PAD_MAX`` bytes, is
     held; the run says it jittered."""
     pytest.importorskip("lycoris")
-    layers, _ = _script("bench_layers"), _script("bench_skinny")  # bench_pair imports both
-    bench = _script("bench_pair")
+    layers, bench = _pair_script()
     jitter, sizes = bench.Jitter(), []
     for _ in range(6):
         last = jitter.pad
@@ -197,8 +201,7 @@ def test_bench_pair_jitter_holds_a_new_pad_of_random_size_per_call():
 
 def test_bench_pair_fresh_weight_column_skips_only_the_buffer():
     """The ``fresh weight`` column computes what the merged column does, without touching the scratch buffer."""
-    layers, _ = _script("bench_layers"), _script("bench_skinny")  # bench_pair imports both
-    bench = _script("bench_pair")
+    layers, bench = _pair_script()
     columns = layers.build_columns(layers.TINY, (4, 4, 1, 1, 1), "cpu")
     fresh = bench.FreshWeight(columns["tucker merged"])
     x = torch.randn(layers.TINY.input)
