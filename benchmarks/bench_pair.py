@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> dict:
     calls = {name: (lambda m=module: step(m)) for name, module in modules.items()}
     timed = bench_skinny.interleaved(calls, args.warmup + args.rounds, cleanup)
     times = {name: t[args.warmup :] for name, t in timed.items()}  # the warm-up rounds dropped
-    result = {"shape": shape.name, "kind": "inference" if args.inference else "training step", "times": times}
-    result["jitter"] = args.jitter
+    kind = "inference" if args.inference else "training step"
+    result = {"shape": shape.name, "kind": kind, "jitter": args.jitter, "times": times}
     lines = [f"**{shape.name}**, {result['kind']}, {args.rounds} rounds{', allocation jitter' * args.jitter}", ""]
     medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     lines.append("- median ms: " + ", ".join(f"{name} {ms:.3f}" for name, ms in medians.items()))
