@@ -12,14 +12,23 @@ of the reused buffer (``functional.scratch_like``), to time what the buffer save
     python benchmarks/bench_pair.py --shape 1 --columns "tucker merged" "tucker factored" --inference
     python benchmarks/bench_pair.py --shape 1 --columns "tucker merged" "tucker merged, fresh weight" --inference
     python benchmarks/bench_pair.py --shape 1 --spatial 8 8 16 --columns "tucker merged" "tucker factored"
+    python benchmarks/bench_pair.py --shape 2 --spatial 8 8 8 --columns "tucker auto" LyCORIS --rounds 300 --split
+
+``--split`` also times, inside every call, the base layer's own two convolutions (its forward and its input
+gradient: the same kernels on the same weight and input in every column) and pairs the rest of the step, what the
+method itself adds, on its own: the base's time moves with where its buffers land (see ``PAD_MAX``) by as much as
+the methods differ on the 1280-channel layer.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
+import time
+from collections.abc import Callable
 
 import bench_layers
 import bench_skinny
@@ -27,6 +36,7 @@ import torch
 from torch import nn
 
 from tucker_lora import functional
+from tucker_lora.layer import TuckerLoraLayer
 
 FRESH = "tucker merged, fresh weight"
 
@@ -66,6 +76,69 @@ class FreshWeight(nn.Module):
             functional.scratch_like = scratch_like
 
 
+class BaseOps:
+    """``--split``: the seconds the base layer's forward convolution and its input gradient take inside a call.
+
+    Tucker columns run them through ``functional.ConvGeometry`` (``conv`` and ``input_grad`` with a weight of the
+    base's shape: the base weight, or the merged one), timed there while the object is entered; any other column
+    is timed by ``attach``: around its base convolution's forward and around that output's autograd node.
+    """
+
+    def __init__(self, weight_shape: torch.Size) -> None:
+        self.weight_shape = weight_shape
+        self.seconds = 0.0
+        self._saved: dict[str, Callable] = {}
+
+    def __enter__(self) -> BaseOps:
+        for name in ("conv", "input_grad"):
+            self._saved[name] = op = getattr(functional.ConvGeometry, name)
+            setattr(functional.ConvGeometry, name, self._timed_op(op))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, op in self._saved.items():
+            setattr(functional.ConvGeometry, name, op)
+
+    def _timed_op(self, op: Callable) -> Callable:
+        def timed(geometry, x, w, *rest):
+            if w.shape != self.weight_shape:  # the adapter's small convolution
+                return op(geometry, x, w, *rest)
+            t0 = time.perf_counter()
+            out = op(geometry, x, w, *rest)
+            self.seconds += time.perf_counter() - t0
+            return out
+
+        return timed
+
+    def _timed_forward(self, forward: Callable) -> Callable:
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            y = forward(*args, **kwargs)
+            self.seconds += time.perf_counter() - t0
+            if y.grad_fn is not None:  # the convolution's own backward node
+                start: list[float] = []
+                y.grad_fn.register_prehook(lambda grads: start.append(time.perf_counter()))
+                y.grad_fn.register_hook(lambda inputs, outputs: self._add_since(start[-1]))
+            return y
+
+        return timed
+
+    def _add_since(self, t0: float) -> None:
+        self.seconds += time.perf_counter() - t0
+
+    def attach(self, name: str, column: nn.Module) -> None:
+        """Time the base convolution of a column that does not run it through ``ConvGeometry``."""
+        if isinstance(column, FreshWeight) or any(isinstance(m, TuckerLoraLayer) for m in column.modules()):
+            return
+        if isinstance(column, nn.ModuleDict):  # LyCORIS: its forward calls the conv's original forward
+            column["adapter"].org_forward = self._timed_forward(column["adapter"].org_forward)
+            return
+        conv = getattr(column, "base_layer", column)  # peft LoRA wraps it; the frozen column is the conv itself
+        if conv.weight.requires_grad:
+            raise SystemExit(f"--split: column {name!r} trains the base weight, whose gradient is its whole cost")
+        conv.forward = self._timed_forward(conv.forward)
+
+
 def find_column(columns: dict[str, torch.nn.Module], name: str) -> str:
     """The column called ``name``, or the one column whose name starts with it."""
     if name in columns:
@@ -99,6 +172,11 @@ def main(argv: list[str] | None = None) -> dict:
         help="hold a pad tensor of random size (0-16 MB, untouched) across every timed call, so the call's own "
         "buffers land somewhere new each time (see PAD_MAX)",
     )
+    parser.add_argument(
+        "--split",
+        action="store_true",
+        help="also pair the step without the base layer's own two convolutions (see BaseOps)",
+    )
     args = parser.parse_args(argv)
     shape = bench_layers.SHAPES[args.shape]
     if args.spatial:
@@ -129,22 +207,49 @@ def main(argv: list[str] | None = None) -> dict:
         x.grad = None
         jitter()
 
-    calls = {name: (lambda m=module: step(m)) for name, module in modules.items()}
-    timed = bench_skinny.interleaved(calls, args.warmup + args.rounds, cleanup)
-    times = {name: t[args.warmup :] for name, t in timed.items()}  # the warm-up rounds dropped
+    base_ops = BaseOps(columns["frozen base"].weight.shape)
+    base_seconds: dict[str, list[float]] = {name: [] for name in modules}
+
+    def split_step(name, module):
+        base_ops.seconds = 0.0
+        step(module)
+        if base_ops.seconds == 0:
+            raise SystemExit(f"--split: column {name!r} ran no base convolution where BaseOps times it")
+        base_seconds[name].append(base_ops.seconds)
+
+    if args.split:
+        for name, module in modules.items():
+            base_ops.attach(name, module)
+        calls = {name: (lambda n=name, m=module: split_step(n, m)) for name, module in modules.items()}
+    else:
+        calls = {name: (lambda m=module: step(m)) for name, module in modules.items()}
+    with base_ops if args.split else contextlib.nullcontext():
+        timed = bench_skinny.interleaved(calls, args.warmup + args.rounds, cleanup)
+    rounds = slice(-args.rounds, None) if args.rounds else slice(0, 0)  # the warm-up rounds (and first calls) dropped
+    times = {name: t[rounds] for name, t in timed.items()}
     kind = "inference" if args.inference else "training step"
-    result = {"shape": shape.name, "kind": kind, "jitter": args.jitter, "times": times}
+    result = {"shape": shape.name, "kind": kind, "jitter": args.jitter, "split": args.split, "times": times}
     lines = [f"**{shape.name}**, {result['kind']}, {args.rounds} rounds{', allocation jitter' * args.jitter}", ""]
     medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
     lines.append("- median ms: " + ", ".join(f"{name} {ms:.3f}" for name, ms in medians.items()))
-    for a, b in ((first, "frozen base"), (second, "frozen base"), (first, second)):
-        ratios = [p / q for p, q in zip(times[a], times[b], strict=True)]
-        med, low, high = median_interval(ratios)
-        faster = sum(r < 1 for r in ratios)
-        result[f"{a} / {b}"] = {"median": med, "low": low, "high": high, "first_faster": faster}
-        lines.append(f"- {a} / {b}: {med:.4f} (95% interval {low:.4f}-{high:.4f}), faster in {faster} of {len(ratios)}")
+    parts = {"": times}
+    if args.split:
+        base = result["base ops"] = parts[", base ops"] = {name: t[rounds] for name, t in base_seconds.items()}
+        parts[", rest"] = {name: [t - b for t, b in zip(times[name], base[name], strict=True)] for name in times}
+        for part in (", base ops", ", rest"):
+            part_ms = {name: 1e3 * statistics.median(t) for name, t in parts[part].items()}
+            lines.append(f"- median ms{part}: " + ", ".join(f"{name} {ms:.3f}" for name, ms in part_ms.items()))
+    for part, values in parts.items():
+        for a, b in ((first, "frozen base"), (second, "frozen base"), (first, second)):
+            ratios = [p / q for p, q in zip(values[a], values[b], strict=True)]
+            med, low, high = median_interval(ratios)
+            faster = sum(r < 1 for r in ratios)
+            result[f"{a} / {b}{part}"] = {"median": med, "low": low, "high": high, "first_faster": faster}
+            lines.append(
+                f"- {a} / {b}{part}: {med:.4f} (95% interval {low:.4f}-{high:.4f}), faster in {faster} of {len(ratios)}"
+            )
     print("\n".join(lines))
-    print(json.dumps({k: v for k, v in result.items() if k != "times"}))
+    print(json.dumps({k: v for k, v in result.items() if k not in ("times", "base ops")}))
     return result
 
 

@@ -213,3 +213,41 @@ def test_bench_pair_fresh_weight_column_skips_only_the_buffer():
         assert functional._SCRATCH.buffers
     functional.release_scratch()
     assert torch.equal(y_fresh, y_merged)
+
+
+def test_bench_pair_split_times_exactly_the_base_convolutions(monkeypatch):
+    """``--split``: with a clock that ticks once per reading, a training step books two ticks (the base forward and
+    its input gradient) in every column, however the column runs them, and an inference call one; the adapter's
+    own convolution is not booked. ``main`` pairs ``step - base ops`` as the rest, and refuses full fine-tuning."""
+    pytest.importorskip("lycoris")
+    layers, bench = _pair_script()
+    columns = layers.build_columns(layers.TINY, (4, 4, 1, 1, 1), "cpu")
+    x = torch.randn(layers.TINY.input, requires_grad=True)
+    dy = torch.randn(layers.TINY.input)
+    base_ops = bench.BaseOps(columns["frozen base"].weight.shape)
+    ticks = iter(range(10**6))
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: float(next(ticks)))
+    names = ["frozen base", "tucker auto", "tucker merged", "peft LoRA", "LyCORIS"]
+    with base_ops:
+        for name in names:
+            column = columns[bench.find_column(columns, name)]
+            base_ops.attach(name, column)
+            for grad, booked in ((True, 2), (False, 1)):
+                base_ops.seconds = 0.0
+                with torch.set_grad_enabled(grad):
+                    y = layers.call(column, x)
+                    if grad:
+                        y.backward(dy)
+                assert base_ops.seconds == booked, (name, grad)
+    assert functional.ConvGeometry.conv is base_ops._saved["conv"]  # the patch is gone on exit
+    monkeypatch.undo()
+    tiny = str(layers.SHAPES.index(layers.TINY))
+    result = bench.main(["--shape", tiny, "--columns", "tucker auto", "LyCORIS", "--rounds", "3", "--split"])
+    assert result["split"] is True
+    (lycoris,) = (k for k in result["times"] if k.startswith("LyCORIS"))
+    rest = np.array(result["times"][lycoris]) - np.array(result["base ops"][lycoris])
+    rest_tucker = np.array(result["times"]["tucker auto"]) - np.array(result["base ops"]["tucker auto"])
+    assert result[f"tucker auto / {lycoris}, rest"]["median"] == pytest.approx(float(np.median(rest_tucker / rest)))
+    assert all(0 < b < t for b, t in zip(result["base ops"][lycoris], result["times"][lycoris], strict=True))
+    with pytest.raises(SystemExit, match="trains the base weight"):
+        bench.main(["--shape", tiny, "--columns", "tucker auto", "full", "--rounds", "1", "--split"])
