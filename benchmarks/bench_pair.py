@@ -225,20 +225,21 @@ def main(argv: list[str] | None = None) -> dict:
         calls = {name: (lambda m=module: step(m)) for name, module in modules.items()}
     with base_ops if args.split else contextlib.nullcontext():
         timed = bench_skinny.interleaved(calls, args.warmup + args.rounds, cleanup)
-    rounds = slice(-args.rounds, None) if args.rounds else slice(0, 0)  # the warm-up rounds (and first calls) dropped
-    times = {name: t[rounds] for name, t in timed.items()}
+
+    def last_rounds(t: list[float]) -> list[float]:  # the warm-up rounds (and split_step's untimed first calls) dropped
+        return t[len(t) - args.rounds :]
+
+    times = {name: last_rounds(t) for name, t in timed.items()}
     kind = "inference" if args.inference else "training step"
     result = {"shape": shape.name, "kind": kind, "jitter": args.jitter, "split": args.split, "times": times}
     lines = [f"**{shape.name}**, {result['kind']}, {args.rounds} rounds{', allocation jitter' * args.jitter}", ""]
-    medians = {name: 1e3 * statistics.median(t) for name, t in times.items()}
-    lines.append("- median ms: " + ", ".join(f"{name} {ms:.3f}" for name, ms in medians.items()))
     parts = {"": times}
     if args.split:
-        base = result["base ops"] = parts[", base ops"] = {name: t[rounds] for name, t in base_seconds.items()}
+        base = result["base ops"] = parts[", base ops"] = {name: last_rounds(t) for name, t in base_seconds.items()}
         parts[", rest"] = {name: [t - b for t, b in zip(times[name], base[name], strict=True)] for name in times}
-        for part in (", base ops", ", rest"):
-            part_ms = {name: 1e3 * statistics.median(t) for name, t in parts[part].items()}
-            lines.append(f"- median ms{part}: " + ", ".join(f"{name} {ms:.3f}" for name, ms in part_ms.items()))
+    for part, values in parts.items():
+        medians = {name: 1e3 * statistics.median(t) for name, t in values.items()}
+        lines.append(f"- median ms{part}: " + ", ".join(f"{name} {ms:.3f}" for name, ms in medians.items()))
     for part, values in parts.items():
         for a, b in ((first, "frozen base"), (second, "frozen base"), (first, second)):
             ratios = [p / q for p, q in zip(values[a], values[b], strict=True)]
