@@ -105,7 +105,7 @@ class BaseOps:
                 return op(geometry, x, w, *rest)
             t0 = time.perf_counter()
             out = op(geometry, x, w, *rest)
-            self.seconds += time.perf_counter() - t0
+            self._add_since(t0)
             return out
 
         return timed
@@ -114,7 +114,7 @@ class BaseOps:
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
             y = forward(*args, **kwargs)
-            self.seconds += time.perf_counter() - t0
+            self._add_since(t0)
             if y.grad_fn is not None:  # the convolution's own backward node
                 start: list[float] = []
                 y.grad_fn.register_prehook(lambda grads: start.append(time.perf_counter()))
