@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from .decomposition import DECOMPOSITIONS
 from .io import WEIGHTS_NAME, check_safetensors
 from .registry import TUCKER_LORA
 from .tucker import MODES, validate_ranks
@@ -16,7 +17,7 @@ from .tucker import MODES, validate_ranks
 #: Values of ``forward_mode``.
 FORWARD_MODES: tuple[str, ...] = ("auto", "factored", "merged")
 #: Values of ``init_weights`` this version understands.
-INIT_CHOICES: tuple[object, ...] = (True, False, "hosvd", "hooi")
+INIT_CHOICES: tuple[object, ...] = (True, False, *DECOMPOSITIONS)
 
 
 @dataclass
