@@ -12,11 +12,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import AdapterFileError
+
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-class AdapterFileError(ValueError):
-    """An adapter file on disk is unreadable (truncated, corrupted or not safetensors)."""
 
 
 def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:

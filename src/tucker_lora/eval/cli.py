@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..video import InputError, run_cli
+from ..cli import run_cli
+from ..errors import InputError
 from ..video.metrics import StepLog
 from . import efficiency
 from .clip_score import ClipScorer

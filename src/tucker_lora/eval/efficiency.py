@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import InputError
 from ..io import check_safetensors
-from ..video import InputError
 from ..video.metrics import read_log
 
 __all__ = [

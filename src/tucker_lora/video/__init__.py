@@ -18,23 +18,6 @@ One module per job; diffusers, transformers, accelerate and PyAV are imported in
   ``examples/sample_text_to_video.py``.
 """
 
-import sys
-from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from ..errors import InputError  # the package's input error, importable here as before
 
-
-class InputError(ValueError):
-    """Bad input from the user (a path, a dataset, an argument); the message names the thing."""
-
-
-def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a command line's ``main``: bad input prints ``error: ...`` (no traceback) and gives exit status 2."""
-    try:
-        main(argv)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-__all__ = ["InputError", "run_cli"]
+__all__ = ["InputError"]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from . import InputError
+from ..errors import InputError
 
 logger = logging.getLogger("tucker_lora.video.distributed")
 

@@ -26,9 +26,9 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..io import staged_directory
 from ..testing import tiny_unet3d, tiny_unet_motion
-from . import InputError
 from .data import COLOURS, DIRECTIONS, SHAPES
 
 __all__ = [

@@ -21,7 +21,8 @@ from typing import Any, Optional
 
 import torch
 
-from . import InputError, run_cli
+from ..cli import run_cli
+from ..errors import InputError
 
 logger = logging.getLogger("tucker_lora.video.sample")
 

@@ -45,7 +45,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import InputError, run_cli
+from ..cli import run_cli
+from ..errors import InputError
 from .adapters import DEFAULT_RANKS, METHODS, parse_target_modules
 from .checkpoint import Checkpoints
 from .data import example_captions, load_dataset
