@@ -14,7 +14,9 @@ from typing import Any
 
 from .errors import AdapterFileError
 
+#: The files of a peft ``save_pretrained`` adapter folder.
 WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "adapter_config.json"
 
 
 def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:

@@ -36,6 +36,7 @@ from typing import Any
 import torch
 
 from ..errors import InputError
+from ..io import WEIGHTS_NAME
 
 logger = logging.getLogger("tucker_lora.video.distributed")
 
@@ -59,7 +60,6 @@ __all__ = [
 ]
 
 OPTIMIZER_FILE = "optimizer.bin"
-ADAPTER_FILE = "adapter_model.safetensors"
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -383,7 +383,7 @@ class ShardedCheckpointing:
         from peft.utils import load_peft_weights
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        for name in (ADAPTER_FILE, OPTIMIZER_FILE):
+        for name in (WEIGHTS_NAME, OPTIMIZER_FILE):
             if not (Path(input_dir) / name).is_file():
                 raise InputError(f"checkpoint '{input_dir}' has no {name}")
         with self._hidden():

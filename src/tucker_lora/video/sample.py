@@ -23,6 +23,8 @@ import torch
 
 from ..cli import run_cli
 from ..errors import InputError
+from ..io import CONFIG_NAME
+from .media import VIDEO_FORMATS
 
 logger = logging.getLogger("tucker_lora.video.sample")
 
@@ -54,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--height", type=int, default=None, help="default: the UNet's native size")
     p.add_argument("--width", type=int, default=None, help="default: the UNet's native size")
     p.add_argument("--output_dir", default="samples")
-    p.add_argument("--video_format", choices=("mp4", "gif"), default="mp4")
+    p.add_argument("--video_format", choices=VIDEO_FORMATS, default="mp4")
     p.add_argument("--fps", type=int, default=8)
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
@@ -62,7 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _base_of(adapter: Path) -> Optional[str]:
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = json.loads((adapter / CONFIG_NAME).read_text())
     return config.get("base_model_name_or_path")
 
 
@@ -86,10 +88,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     args = build_parser().parse_args(argv)
     adapter = Path(args.adapter) if args.adapter else None
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise InputError(
-            f"adapter folder '{adapter}' has no adapter_config.json (expected a peft save_pretrained folder)"
-        )
+    if adapter is not None and not (adapter / CONFIG_NAME).is_file():
+        raise InputError(f"adapter folder '{adapter}' has no {CONFIG_NAME} (expected a peft save_pretrained folder)")
     base = args.pretrained_model_name_or_path or (_base_of(adapter) if adapter is not None else None)
     if base is None:
         raise InputError("no base model: pass --pretrained_model_name_or_path (the adapter names none)")

@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from ..cli import run_cli
+from ..config import INIT_CHOICES
 from ..errors import InputError
 from .adapters import DEFAULT_RANKS, METHODS, parse_target_modules
 from .checkpoint import Checkpoints
@@ -59,6 +60,8 @@ from .distributed import (
     save_adapter_folder,
     unsharded_root,
 )
+from .media import VIDEO_FORMATS
+from .metrics import TRAIN_LOG
 from .pipeline import (
     BACKBONES,
     VideoComponents,
@@ -71,7 +74,8 @@ logger = logging.getLogger("tucker_lora.video.train")
 
 __all__ = ["TrainResult", "build_parser", "diffusion_loss", "main", "parse_args", "step_generator", "step_seeds"]
 
-INIT_CHOICES = {"true": True, "false": False, "hosvd": "hosvd", "hooi": "hooi"}
+#: ``--init_weights`` values: ``TuckerLoraConfig``'s ``init_weights`` choices, spelled in lower case.
+INIT_WEIGHTS = {str(choice).lower(): choice for choice in INIT_CHOICES}
 
 
 # ---------------------------------------------------------------------------------------------- arguments
@@ -105,7 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="layer names / suffixes, or one regex (default: the backbone's tucker_lora.DEFAULT_TARGET_MODULES)",
     )
-    g.add_argument("--init_weights", choices=sorted(INIT_CHOICES), default="true", help="Tucker-LoRA init")
+    g.add_argument("--init_weights", choices=sorted(INIT_WEIGHTS), default="true", help="Tucker-LoRA init")
     g.add_argument("--core_init_scale", type=float, default=0.0, help="std of the initial core (0: zero core)")
     g.add_argument("--lora_rank", type=int, default=None, help="LoRA baseline rank (default: matched to Tucker's size)")
     g = p.add_argument_group("data")
@@ -159,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num_validation_frames", type=int, default=None, help="default: --num_frames")
     g.add_argument("--num_inference_steps", type=int, default=25)
     g.add_argument("--guidance_scale", type=float, default=7.5)
-    g.add_argument("--video_format", choices=("mp4", "gif"), default="mp4")
+    g.add_argument("--video_format", choices=VIDEO_FORMATS, default="mp4")
     g.add_argument("--fps", type=int, default=8)
     return p
 
@@ -461,7 +465,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         ranks,
         alpha=args.alpha,
         target_modules=args.target_modules,
-        init_weights=INIT_CHOICES[args.init_weights],
+        init_weights=INIT_WEIGHTS[args.init_weights],
         core_init_scale=args.core_init_scale,
         lora_rank=args.lora_rank,
     )
@@ -544,7 +548,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         logger.info("resumed from %s (step %d)", resume, global_step)
     elif args.resume_from_checkpoint:
         logger.info("no checkpoint in %s yet: starting a new run", output_dir)
-    step_log = StepLog(output_dir / "train_log.jsonl")
+    step_log = StepLog(output_dir / TRAIN_LOG)
     if accelerator.is_main_process:
         step_log.truncate_after(global_step)  # a fresh run starts a new log; a resumed one drops the redone steps
         (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=1, default=str))
