@@ -28,8 +28,8 @@ import torch
 
 from ..errors import InputError
 from ..io import staged_directory
-from ..testing import tiny_unet3d, tiny_unet_motion
 from .data import COLOURS, DIRECTIONS, SHAPES
+from .tiny_unets import tiny_unet3d, tiny_unet_motion
 
 __all__ = [
     "BACKBONES",
@@ -147,7 +147,7 @@ def text_config_for(tokenizer: Any) -> dict[str, int]:
 
 def tiny_components(backbone: str = "unet3d", seed: int = 0) -> VideoComponents:
     """A tiny random pipeline from configs: 64x64 frames, an 8x downsampling VAE to 8x8x4 latents, a
-    2-layer CLIP text encoder of width 32, a DDIM scheduler and ``testing.tiny_unet3d`` / ``tiny_unet_motion``.
+    2-layer CLIP text encoder of width 32, a DDIM scheduler and ``tiny_unets.tiny_unet3d`` / ``tiny_unet_motion``.
 
     Deterministic given ``seed``; the caller's RNG state is left alone.
     """
