@@ -66,8 +66,8 @@ from .pipeline import (
     BACKBONES,
     VideoComponents,
     check_pipeline_folder,
-    enable_gradient_checkpointing,
     encode_prompts,
+    gradient_checkpointing,
 )
 
 logger = logging.getLogger("tucker_lora.video.train")
@@ -402,6 +402,11 @@ def _register_adapter_checkpointing(accelerator: Any) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     """Run a training job from command-line arguments; see the module docstring."""
+    with contextlib.ExitStack() as run_context:  # what the run changes on the models is undone when it ends
+        return _main(argv, run_context)
+
+
+def _main(argv: Optional[Sequence[str]], run_context: contextlib.ExitStack) -> TrainResult:
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
     from diffusers import DDPMScheduler
@@ -457,7 +462,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         # (diffusers warns about any dtype cast, even to float32: cast only when mixed precision asks)
         module.to(device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(components.unet)
+        run_context.enter_context(gradient_checkpointing(components.unet))
     ranks = args.ranks or DEFAULT_RANKS[components.backbone]
     plan = plan_adapter(
         args.method,
