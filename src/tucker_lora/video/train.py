@@ -61,7 +61,7 @@ from .distributed import (
     unsharded_root,
 )
 from .media import VIDEO_FORMATS
-from .metrics import TRAIN_LOG
+from .metrics import TRAIN_LOG, StepLog, peak_memory_mb, read_log
 from .pipeline import (
     BACKBONES,
     VideoComponents,
@@ -400,26 +400,54 @@ def _register_adapter_checkpointing(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
-    """Run a training job from command-line arguments; see the module docstring."""
-    with contextlib.ExitStack() as run_context:  # what the run changes on the models is undone when it ends
-        return _main(argv, run_context)
+# ---------------------------------------------------------------------------------------------- run stages
+@dataclass
+class _Run:
+    """The accelerate side of a run: the accelerator, the output folder and its checkpoints."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    output_dir: Path
+    sharded: bool
+    checkpoints: Checkpoints
 
 
-def _main(argv: Optional[Sequence[str]], run_context: contextlib.ExitStack) -> TrainResult:
+@dataclass
+class _Adapted:
+    """The frozen pipeline components and the peft model with the adapter on the UNet."""
+
+    components: VideoComponents
+    base_dir: str
+    weight_dtype: torch.dtype
+    ranks: tuple[int, ...]
+    plan: Any
+    model: Any
+    n_trainable: int
+
+
+@dataclass
+class _Optimisation:
+    """What ``accelerator.prepare`` returned and the schedule of the run."""
+
+    model: Any
+    loader: Any
+    optimizer: Any
+    lr_scheduler: Any
+    noise_scheduler: Any
+    ema: Any
+    state_io: Any
+    trainable: list[torch.nn.Parameter]
+    steps_per_epoch: int
+    max_steps: int
+    num_epochs: int
+    warmup: int
+
+
+def _setup(args: argparse.Namespace) -> _Run:
+    """The accelerator (FSDP2 when configured), logging, the seed and a clean output folder."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from peft import get_peft_model
-    from tqdm.auto import tqdm
 
-    from .adapters import accept_input_keyword, plan_adapter
-    from .ema import AdapterEMA
-    from .metrics import StepLog, peak_memory_mb, read_log
-
-    args = parse_args(argv)
-    resume = check_inputs(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=cpu_process_group(),
@@ -443,12 +471,21 @@ def _main(argv: Optional[Sequence[str]], run_context: contextlib.ExitStack) -> T
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoints.clean()
     accelerator.wait_for_everyone()
+    return _Run(args, accelerator, output_dir, sharded, checkpoints)
 
-    # ---- model: frozen pipeline components, adapter on the UNet
+
+def _build_model(run: _Run, run_context: contextlib.ExitStack) -> _Adapted:
+    """Frozen pipeline components on the device (the tiny default saved as the base model), the adapter on the
+    UNet. Gradient checkpointing, when asked for, lasts as long as ``run_context``."""
+    from peft import get_peft_model
+
+    from .adapters import accept_input_keyword, plan_adapter
+
+    args, accelerator = run.args, run.accelerator
     components = _build_components(args)
     base_dir = args.pretrained_model_name_or_path
     if base_dir is None:
-        base_dir = str(output_dir / "base_model")
+        base_dir = str(run.output_dir / "base_model")
         if accelerator.is_main_process:
             components.save(base_dir)
             logger.info(
@@ -458,7 +495,7 @@ def _main(argv: Optional[Sequence[str]], run_context: contextlib.ExitStack) -> T
     for module in (components.vae, components.text_encoder, components.unet):
         module.requires_grad_(False)
         # a sharded UNet stays on the CPU: fully_shard moves only this process's shard to the device
-        device = "cpu" if sharded and module is components.unet else accelerator.device
+        device = "cpu" if run.sharded and module is components.unet else accelerator.device
         # (diffusers warns about any dtype cast, even to float32: cast only when mixed precision asks)
         module.to(device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     if args.gradient_checkpointing:
@@ -478,8 +515,7 @@ def _main(argv: Optional[Sequence[str]], run_context: contextlib.ExitStack) -> T
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     if args.method == "lora":
         accept_input_keyword(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
         "%s on %d layers of a %s: %d trainable parameters (Tucker-LoRA at ranks %s: %d)%s",
         "Tucker-LoRA" if plan.method == "tucker" else f"peft LoRA r={plan.lora_rank}",
@@ -490,8 +526,12 @@ def _main(argv: Optional[Sequence[str]], run_context: contextlib.ExitStack) -> T
         plan.tucker_num_params,
         "" if plan.method == "tucker" else " (matched LoRA baseline)",
     )
+    return _Adapted(components, str(base_dir), weight_dtype, tuple(ranks), plan, model, n_trainable)
 
-    # ---- data
+
+def _build_data(run: _Run, components: VideoComponents) -> tuple[Any, torch.utils.data.DataLoader]:
+    """The dataset (a grid of its first clips written as ``data_examples.png``) and its shuffled loader."""
+    args = run.args
     dataset = load_dataset(
         args.data_dir,
         layout=args.data_layout,
@@ -504,8 +544,8 @@ def _main(argv: Optional[Sequence[str]], run_context: contextlib.ExitStack) -> T
         seed=args.seed,
         num_synthetic_videos=args.num_synthetic_videos,
     )
-    if accelerator.is_main_process:
-        _write_data_examples(dataset, output_dir / "data_examples.png")
+    if run.accelerator.is_main_process:
+        _write_data_examples(dataset, run.output_dir / "data_examples.png")
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -513,17 +553,28 @@ def _main(argv: Optional[Sequence[str]], run_context: contextlib.ExitStack) -> T
         generator=torch.Generator().manual_seed(args.seed),
         num_workers=args.dataloader_num_workers,
     )
+    return dataset, loader
 
-    # ---- optimisation
+
+def _build_optimisation(run: _Run, adapted: _Adapted, loader: Any) -> _Optimisation:
+    """AdamW on the adapter, ``accelerator.prepare`` (sharding the UNet under FSDP2), the LR schedule, the EMA and
+    what a checkpoint holds."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from .ema import AdapterEMA
+
+    args, accelerator = run.args, run.accelerator
+    model = adapted.model
     optimizer = torch.optim.AdamW(
-        trainable,
+        [p for p in model.parameters() if p.requires_grad],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    if sharded:
-        configure_wrap_policy(accelerator, components.unet)
+    if run.sharded:
+        configure_wrap_policy(accelerator, adapted.components.unet)
         broadcast_adapter_init(model, accelerator.device)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # under FSDP2 accelerate swapped the optimizer's parameters for the sharded ones: clip and average those
@@ -543,150 +594,259 @@ def _main(argv: Optional[Sequence[str]], run_context: contextlib.ExitStack) -> T
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     _register_adapter_checkpointing(accelerator)
-    state_io = ShardedCheckpointing(accelerator, model, optimizer) if sharded else accelerator
-    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+    state_io = ShardedCheckpointing(accelerator, model, optimizer) if run.sharded else accelerator
+    noise_scheduler = DDPMScheduler.from_config(adapted.components.scheduler.config)
+    return _Optimisation(
+        model,
+        loader,
+        optimizer,
+        lr_scheduler,
+        noise_scheduler,
+        ema,
+        state_io,
+        trainable,
+        steps_per_epoch,
+        max_steps,
+        num_epochs,
+        warmup,
+    )
 
-    global_step = 0
+
+def _resume(run: _Run, state_io: Any, resume: Optional[Path]) -> int:
+    """Load the checkpoint to resume from (every state accelerate and the adapter keep); the step it was saved at."""
     if resume is not None:
         state_io.load_state(str(resume))
         global_step = Checkpoints.step_of(resume)
         logger.info("resumed from %s (step %d)", resume, global_step)
-    elif args.resume_from_checkpoint:
-        logger.info("no checkpoint in %s yet: starting a new run", output_dir)
-    step_log = StepLog(output_dir / TRAIN_LOG)
+        return global_step
+    if run.args.resume_from_checkpoint:
+        logger.info("no checkpoint in %s yet: starting a new run", run.output_dir)
+    return 0
+
+
+def _start_logs(run: _Run, global_step: int) -> Any:
+    """The step log (cut back to ``global_step``), ``training_args.json`` and the trackers; returns the step log."""
+    args, accelerator = run.args, run.accelerator
+    step_log = StepLog(run.output_dir / TRAIN_LOG)
     if accelerator.is_main_process:
         step_log.truncate_after(global_step)  # a fresh run starts a new log; a resumed one drops the redone steps
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+        (run.output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=1, default=str))
     if accelerator.is_main_process and args.report_to:
         accelerator.init_trackers("tucker-lora-text-to-video", config={k: str(v) for k, v in vars(args).items()})
+    return step_log
 
-    prompts = args.validation_prompts or example_captions(dataset, 2)
-    validate = _Validator(args, components, prompts, args.resolution or components.resolution)
-    result = TrainResult(model=None, global_step=global_step, output_dir=output_dir, components=components)
-    stop_at = min(max_steps, args.stop_after_steps or max_steps)
-    logger.info(
-        "%d videos, %d processes x batch %d x accumulation %d; %d steps (%d per epoch), warm-up %d; stop at %d",
-        len(dataset),
-        accelerator.num_processes,
-        args.train_batch_size,
-        args.gradient_accumulation_steps,
-        max_steps,
-        steps_per_epoch,
-        warmup,
-        stop_at,
-    )
 
-    # ---- loop
-    progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
-    t_run = t_step = time.perf_counter()
-    model.train()
-    micro, micro_losses, micro_videos = 0, [], 0
-    first_epoch = global_step // steps_per_epoch
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= stop_at:
-            break
-        dataset.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in batches:
-            if micro == 0:
-                step_lr = lr_scheduler.get_last_lr()[0]  # the learning rate this optimiser step uses
-            with accelerator.accumulate(model):
-                own, dropout = step_seeds(args.seed, global_step, micro, accelerator.process_index)
-                torch.manual_seed(dropout)  # the UNet's dropout (UNet3D's temporal convs) depends on the step alone
-                generator = torch.Generator("cpu").manual_seed(own)
-                loss = diffusion_loss(
-                    model, components, noise_scheduler, batch, generator, args.caption_dropout, weight_dtype
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            micro_losses.append(loss.detach().float())
-            micro_videos += len(batch["caption"])
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if ema is not None:
-                ema.step()
-            step_loss = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
-            videos = micro_videos * accelerator.num_processes
-            micro, micro_losses, micro_videos = 0, [], 0
-            now = time.perf_counter()
-            record = {
-                "step": global_step,
-                "epoch": epoch,
-                "loss": step_loss,
-                "lr": step_lr,
-                "videos_per_s": videos / (now - t_step),
-                "peak_memory_mb": peak_memory_mb(accelerator.device),
-                "time": now - t_run,
-            }
-            result.losses.append(step_loss)
-            if accelerator.is_main_process:
-                step_log.write(record)
-            if args.report_to:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
-            if global_step % args.checkpointing_steps == 0 or (global_step == stop_at < max_steps):
-                path = checkpoints.save(accelerator, global_step, save_state=state_io.save_state)
-                logger.info("checkpoint saved to %s", path)
-            at_end = global_step == max_steps
-            if args.validation_steps and (global_step % args.validation_steps == 0 or at_end):
-                if accelerator.is_main_process or sharded:  # a sharded UNet runs on every process together
-                    path = validate(accelerator, model, ema, global_step)
-                    if accelerator.is_main_process:
-                        result.validation_dirs.append(path)
-                accelerator.wait_for_everyone()
-            t_step = time.perf_counter()  # checkpoint and validation time is not training throughput
-            if global_step >= stop_at:
+class _Loop:
+    """The training loop: optimiser steps of accumulated micro-batches, each logged, checkpointed and validated on
+    schedule, until ``stop_at``."""
+
+    def __init__(
+        self,
+        run: _Run,
+        adapted: _Adapted,
+        opt: _Optimisation,
+        dataset: Any,
+        step_log: Any,
+        validate: _Validator,
+        result: TrainResult,
+    ) -> None:
+        self.run, self.adapted, self.opt, self.dataset = run, adapted, opt, dataset
+        self.step_log, self.validate, self.result = step_log, validate, result
+        self.stop_at = min(opt.max_steps, run.args.stop_after_steps or opt.max_steps)
+        self.global_step = result.global_step
+        self.micro, self.micro_losses, self.micro_videos = 0, [], 0
+        self.step_lr = 0.0
+
+    def run_epochs(self) -> int:
+        """Train from ``global_step`` to ``stop_at``; returns the last step."""
+        from tqdm.auto import tqdm
+
+        run, opt = self.run, self.opt
+        accelerator = run.accelerator
+        self.progress = tqdm(
+            total=opt.max_steps, initial=self.global_step, desc="train", disable=not accelerator.is_local_main_process
+        )
+        self.t_run = self.t_step = time.perf_counter()
+        opt.model.train()
+        first_epoch = self.global_step // opt.steps_per_epoch
+        for epoch in range(first_epoch, opt.num_epochs):
+            if self.global_step >= self.stop_at:
                 break
-    progress.close()
+            self.dataset.set_epoch(epoch)
+            opt.loader.set_epoch(epoch)
+            skip = (self.global_step - epoch * opt.steps_per_epoch) * run.args.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(opt.loader, skip) if skip else opt.loader
+            for batch in batches:
+                self.micro_step(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                self.global_step += 1
+                if opt.ema is not None:
+                    opt.ema.step()
+                self.log_step(epoch)
+                self.checkpoint()
+                self.validate_on_schedule()
+                self.t_step = time.perf_counter()  # checkpoint and validation time is not training throughput
+                if self.global_step >= self.stop_at:
+                    break
+        self.progress.close()
+        return self.global_step
 
-    # ---- save
-    accelerator.wait_for_everyone()
-    peft_model = accelerator.unwrap_model(model)
-    result.model, result.global_step = peft_model, global_step
-    result.paused = global_step < max_steps
-    if not result.paused:  # every process: a sharded adapter is gathered to the main process, which writes
-        result.adapter_dir = output_dir / "adapter"
-        save_adapter_folder(accelerator, model, result.adapter_dir)
-        if ema is not None:
-            result.ema_adapter_dir = output_dir / "adapter_ema"
-            with ema.swapped_in():
-                save_adapter_folder(accelerator, model, result.ema_adapter_dir)
-    if accelerator.is_main_process and not result.paused:
-        summary = {
-            "method": plan.method,
-            "backbone": components.backbone,
-            "base_model": str(base_dir),
-            "trainable_parameters": n_trainable,
-            "tucker_parameters_at_these_ranks": plan.tucker_num_params,
-            "lora_rank": plan.lora_rank,
-            "ranks": list(ranks),
-            "adapted_layers": len(plan.layers),
-            "steps": global_step,
-            "adapter": str(result.adapter_dir),
-            "adapter_ema": str(result.ema_adapter_dir) if result.ema_adapter_dir else None,
-            "train_log": str(step_log.path),
-            "validation": [str(p) for p in result.validation_dirs],
+    def micro_step(self, batch: dict[str, Any]) -> None:
+        """Forward and backward of one micro-batch; the optimiser steps when the accumulation is complete."""
+        args, accelerator, opt = self.run.args, self.run.accelerator, self.opt
+        if self.micro == 0:
+            self.step_lr = opt.lr_scheduler.get_last_lr()[0]  # the learning rate this optimiser step uses
+        with accelerator.accumulate(opt.model):
+            own, dropout = step_seeds(args.seed, self.global_step, self.micro, accelerator.process_index)
+            torch.manual_seed(dropout)  # the UNet's dropout (UNet3D's temporal convs) depends on the step alone
+            generator = torch.Generator("cpu").manual_seed(own)
+            loss = diffusion_loss(
+                opt.model,
+                self.adapted.components,
+                opt.noise_scheduler,
+                batch,
+                generator,
+                args.caption_dropout,
+                self.adapted.weight_dtype,
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(opt.trainable, args.max_grad_norm)
+            opt.optimizer.step()
+            opt.lr_scheduler.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+        self.micro += 1
+        self.micro_losses.append(loss.detach().float())
+        self.micro_videos += len(batch["caption"])
+
+    def log_step(self, epoch: int) -> None:
+        """One line of the step log (loss over micro-batches and processes, lr, throughput, memory), the trackers
+        and the progress bar."""
+        args, accelerator = self.run.args, self.run.accelerator
+        step_loss = accelerator.gather(torch.stack(self.micro_losses).mean()[None]).mean().item()
+        videos = self.micro_videos * accelerator.num_processes
+        self.micro, self.micro_losses, self.micro_videos = 0, [], 0
+        now = time.perf_counter()
+        record = {
+            "step": self.global_step,
+            "epoch": epoch,
+            "loss": step_loss,
+            "lr": self.step_lr,
+            "videos_per_s": videos / (now - self.t_step),
+            "peak_memory_mb": peak_memory_mb(accelerator.device),
+            "time": now - self.t_run,
         }
-        losses = [r["loss"] for r in read_log(step_log.path)]  # the whole run, resumed parts included
-        if losses:
-            tenth = max(1, len(losses) // 10)
-            summary["loss_first_tenth"] = sum(losses[:tenth]) / tenth
-            summary["loss_last_tenth"] = sum(losses[-tenth:]) / tenth
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        _print_summary(summary, output_dir)
-    elif result.paused:
-        logger.info("stopped at step %d of %d: resume with --resume_from_checkpoint latest", global_step, max_steps)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        self.result.losses.append(step_loss)
+        if accelerator.is_main_process:
+            self.step_log.write(record)
+        if args.report_to:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
+
+    def checkpoint(self) -> None:
+        """A checkpoint every ``--checkpointing_steps``, and at a stop before the last step."""
+        run, opt, step = self.run, self.opt, self.global_step
+        if step % run.args.checkpointing_steps == 0 or (step == self.stop_at < opt.max_steps):
+            path = run.checkpoints.save(run.accelerator, step, save_state=opt.state_io.save_state)
+            logger.info("checkpoint saved to %s", path)
+
+    def validate_on_schedule(self) -> None:
+        """Validation samples every ``--validation_steps`` and at the last step."""
+        run, opt, step = self.run, self.opt, self.global_step
+        args, accelerator = run.args, run.accelerator
+        if args.validation_steps and (step % args.validation_steps == 0 or step == opt.max_steps):
+            if accelerator.is_main_process or run.sharded:  # a sharded UNet runs on every process together
+                path = self.validate(accelerator, opt.model, opt.ema, step)
+                if accelerator.is_main_process:
+                    self.result.validation_dirs.append(path)
+            accelerator.wait_for_everyone()
+
+
+def _save(run: _Run, adapted: _Adapted, opt: _Optimisation, step_log: Any, result: TrainResult) -> None:
+    """A finished run writes ``adapter/`` and ``adapter_ema/`` (every process takes part: a sharded adapter is
+    gathered) and its summary; a paused one says how to resume."""
+    accelerator, output_dir = run.accelerator, run.output_dir
+    if result.paused:
+        logger.info(
+            "stopped at step %d of %d: resume with --resume_from_checkpoint latest", result.global_step, opt.max_steps
+        )
+        return
+    result.adapter_dir = output_dir / "adapter"
+    save_adapter_folder(accelerator, opt.model, result.adapter_dir)
+    if opt.ema is not None:
+        result.ema_adapter_dir = output_dir / "adapter_ema"
+        with opt.ema.swapped_in():
+            save_adapter_folder(accelerator, opt.model, result.ema_adapter_dir)
+    if accelerator.is_main_process:
+        _write_summary(adapted, step_log, result)
+
+
+def _write_summary(adapted: _Adapted, step_log: Any, result: TrainResult) -> None:
+    """``summary.json`` (what was trained, where the outputs are, the loss over the first and last tenth of the
+    steps) and its printed form."""
+    plan = adapted.plan
+    summary = {
+        "method": plan.method,
+        "backbone": adapted.components.backbone,
+        "base_model": adapted.base_dir,
+        "trainable_parameters": adapted.n_trainable,
+        "tucker_parameters_at_these_ranks": plan.tucker_num_params,
+        "lora_rank": plan.lora_rank,
+        "ranks": list(adapted.ranks),
+        "adapted_layers": len(plan.layers),
+        "steps": result.global_step,
+        "adapter": str(result.adapter_dir),
+        "adapter_ema": str(result.ema_adapter_dir) if result.ema_adapter_dir else None,
+        "train_log": str(step_log.path),
+        "validation": [str(p) for p in result.validation_dirs],
+    }
+    losses = [r["loss"] for r in read_log(step_log.path)]  # the whole run, resumed parts included
+    if losses:
+        tenth = max(1, len(losses) // 10)
+        summary["loss_first_tenth"] = sum(losses[:tenth]) / tenth
+        summary["loss_last_tenth"] = sum(losses[-tenth:]) / tenth
+    (result.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(summary, result.output_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
+    """Run a training job from command-line arguments; see the module docstring."""
+    args = parse_args(argv)
+    resume = check_inputs(args)
+    run = _setup(args)
+    with contextlib.ExitStack() as run_context:  # what the run changes on the models is undone when it ends
+        adapted = _build_model(run, run_context)
+        dataset, loader = _build_data(run, adapted.components)
+        opt = _build_optimisation(run, adapted, loader)
+        global_step = _resume(run, opt.state_io, resume)
+        step_log = _start_logs(run, global_step)
+        prompts = args.validation_prompts or example_captions(dataset, 2)
+        resolution = args.resolution or adapted.components.resolution
+        validate = _Validator(args, adapted.components, prompts, resolution)
+        result = TrainResult(
+            model=None, global_step=global_step, output_dir=run.output_dir, components=adapted.components
+        )
+        loop = _Loop(run, adapted, opt, dataset, step_log, validate, result)
+        logger.info(
+            "%d videos, %d processes x batch %d x accumulation %d; %d steps (%d per epoch), warm-up %d; stop at %d",
+            len(dataset),
+            run.accelerator.num_processes,
+            args.train_batch_size,
+            args.gradient_accumulation_steps,
+            opt.max_steps,
+            opt.steps_per_epoch,
+            opt.warmup,
+            loop.stop_at,
+        )
+        global_step = loop.run_epochs()
+        run.accelerator.wait_for_everyone()
+        result.model, result.global_step = run.accelerator.unwrap_model(opt.model), global_step
+        result.paused = global_step < opt.max_steps
+        _save(run, adapted, opt, step_log, result)
+        run.accelerator.wait_for_everyone()
+        run.accelerator.end_training()
     return result
 
 
