@@ -414,6 +414,30 @@ def test_merged_and_unmerged_sampling_agree(tmp_path):
     assert np.abs(videos[True] - videos[False]).max() <= 2
 
 
+def test_generate_passes_the_negative_prompt_to_the_pipeline():
+    """``generate`` (and with it ``--negative_prompt`` of the sampling command) gives what diffusers' pipeline gives
+    for the same prompt, negative prompt and seed, and the negative prompt changes the video."""
+    from tucker_lora.video.pipeline import generate
+
+    pipe = tiny_components("unet3d").pipeline()
+    prompt, negative = "a red circle moving left", "a blue square moving right"
+    ((_, _, with_negative),) = generate(pipe, [prompt], [3], 2, 2, 7.5, 64, 64, negative_prompt=negative)
+    ((_, _, without),) = generate(pipe, [prompt], [3], 2, 2, 7.5, 64, 64)
+    reference = pipe(
+        prompt=prompt,
+        negative_prompt=negative,
+        num_frames=2,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+    ).frames[0]
+    np.testing.assert_array_equal(with_negative, np.clip(reference * 255.0, 0, 255).round().astype(np.uint8))
+    assert np.abs(with_negative.astype(int) - without.astype(int)).max() > 0
+
+
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):
     # 6 videos, accumulation 2: 3 steps per epoch, so 5 steps cross an epoch; the pause at 2 is mid-epoch
     common = [*FAST, "--max_train_steps", "5", "--gradient_accumulation_steps", "2", "--learning_rate", "1e-2"]

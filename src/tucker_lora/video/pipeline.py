@@ -330,11 +330,13 @@ def generate(
     guidance_scale: float,
     height: int,
     width: int,
+    negative_prompt: Optional[str] = None,
 ) -> list[tuple[str, int, np.ndarray]]:
     """Sample one video per (prompt, seed): ``[(prompt, seed, (T, H, W, 3) uint8)]``.
 
     Each video starts from the noise of a CPU ``torch.Generator`` seeded with its seed, so the same
     prompt and seed give the same video on any device and whatever else is sampled around it.
+    ``negative_prompt`` replaces the empty prompt of classifier-free guidance.
     """
     from .media import to_uint8
 
@@ -343,6 +345,7 @@ def generate(
         for seed in seeds:
             frames = pipe(
                 prompt=prompt,
+                negative_prompt=negative_prompt,
                 num_frames=num_frames,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..cli import run_cli
+from ..cli import HelpFormatter, run_cli
 from ..config import INIT_CHOICES
 from ..errors import InputError
 from .adapters import DEFAULT_RANKS, METHODS, parse_target_modules
@@ -80,19 +80,29 @@ INIT_WEIGHTS = {str(choice).lower(): choice for choice in INIT_CHOICES}
 
 # ---------------------------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, grouped: model, adapter, data, optimisation, checkpoints, validation, logging."""
     p = argparse.ArgumentParser(
         description="Fine-tune a text-to-video diffusion model with Tucker-LoRA (or matched peft LoRA).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
         help="local diffusers pipeline folder (text-to-video SD / zeroscope, or AnimateDiff); "
-        "default: a tiny random pipeline built from configs",
+        "default: a tiny random pipeline built from configs, saved to OUTPUT_DIR/base_model",
     )
-    g.add_argument("--backbone", choices=BACKBONES, default=None, help="tiny default's backbone (default unet3d)")
-    g.add_argument("--motion_adapter_name_or_path", default=None, help="MotionAdapter folder for a 2D UNet pipeline")
+    g.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default=None,
+        help="backbone of the tiny pipeline built when no model is given (default: unet3d); else a check of the UNet",
+    )
+    g.add_argument(
+        "--motion_adapter_name_or_path",
+        default=None,
+        help="MotionAdapter folder for a pipeline with a 2D UNet (default: its motion_adapter subfolder)",
+    )
     g = p.add_argument_group("adapter")
     g.add_argument("--method", choices=METHODS, default="tucker", help="tucker, or the peft LoRA baseline")
     g.add_argument(
@@ -100,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="R",
-        help="Tucker ranks r_o r_i r_t r_h r_w (default 4 4 1 1 1 on UNet3D, 4 4 0 1 1 on AnimateDiff)",
+        help="Tucker ranks r_o r_i r_t r_h r_w (default: 4 4 1 1 1 on UNet3D, 4 4 0 1 1 on AnimateDiff)",
     )
     g.add_argument("--alpha", type=float, default=1.0, help="scale of the update, W + alpha * dW")
     g.add_argument(
@@ -109,62 +119,93 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="layer names / suffixes, or one regex (default: the backbone's tucker_lora.DEFAULT_TARGET_MODULES)",
     )
-    g.add_argument("--init_weights", choices=sorted(INIT_WEIGHTS), default="true", help="Tucker-LoRA init")
+    g.add_argument(
+        "--init_weights",
+        choices=sorted(INIT_WEIGHTS),
+        default="true",
+        help="Tucker-LoRA init: true (zero core), false (random core), hosvd / hooi (factors from the base weights)",
+    )
     g.add_argument("--core_init_scale", type=float, default=0.0, help="std of the initial core (0: zero core)")
-    g.add_argument("--lora_rank", type=int, default=None, help="LoRA baseline rank (default: matched to Tucker's size)")
+    g.add_argument(
+        "--lora_rank", type=int, default=None, help="LoRA baseline rank (default: matched to Tucker-LoRA's size)"
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default=None, help="MSR-VTT folder or a folder with captions.csv (default: synthetic)")
-    g.add_argument("--data_layout", choices=("auto", "folder", "msrvtt", "synthetic"), default="auto")
+    g.add_argument(
+        "--data_dir", default=None, help="MSR-VTT folder or a folder with captions.csv (default: synthetic shapes)"
+    )
+    g.add_argument(
+        "--data_layout",
+        choices=("auto", "folder", "msrvtt", "synthetic"),
+        default="auto",
+        help="how --data_dir is laid out; auto: a captions.csv means a folder, JSON annotations mean MSR-VTT",
+    )
     g.add_argument("--annotations", default=None, help="MSR-VTT annotation JSON (default: found in --data_dir)")
     g.add_argument("--captions_csv", default=None, help="captions CSV of a video folder (default: captions.csv)")
-    g.add_argument("--split", default=None, help="MSR-VTT split to keep (train, validate, test)")
+    g.add_argument("--split", default=None, help="MSR-VTT split to keep: train, validate or test (default: all)")
     g.add_argument("--num_frames", type=int, default=8, help="frames per training clip")
     g.add_argument("--frame_stride", type=int, default=1, help="take every n-th frame")
     g.add_argument("--resolution", type=int, default=None, help="square frame size (default: the UNet's)")
-    g.add_argument("--num_synthetic_videos", type=int, default=64)
+    g.add_argument("--num_synthetic_videos", type=int, default=64, help="clips of the synthetic dataset")
     g.add_argument("--caption_dropout", type=float, default=0.0, help="probability of an empty caption")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loader worker processes")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--output_dir", default="tucker-lora-t2v")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
     g.add_argument("--train_batch_size", type=int, default=1, help="videos per process and micro-batch")
-    g.add_argument("--num_train_epochs", type=int, default=1)
-    g.add_argument("--max_train_steps", type=int, default=None, help="optimiser steps (overrides the epochs)")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--num_train_epochs", type=int, default=1, help="epochs to train (unless --max_train_steps)")
+    g.add_argument(
+        "--max_train_steps", type=int, default=None, help="optimiser steps (default: --num_train_epochs epochs)"
+    )
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimiser step")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute the UNet's blocks in the backward")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate after the warm-up")
     g.add_argument("--lr_scheduler", default="cosine", help="a diffusers.optimization.get_scheduler name")
-    g.add_argument("--lr_warmup_steps", type=int, default=None, help="default: 5%% of the steps")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="warm-up steps (default: 5%% of the steps)")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta_1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta_2")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA tau of the adapter parameters")
-    g.add_argument("--no_ema", action="store_true", help="keep no EMA")
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
-    g.add_argument("--allow_tf32", action="store_true")
-    g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest', or a checkpoint-<step> folder")
+    g.add_argument("--no_ema", action="store_true", help="keep no EMA of the adapter")
+    g.add_argument(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="autocast dtype (default: accelerate's configuration)",
+    )
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--output_dir", default="tucker-lora-t2v", help="where adapters, checkpoints and logs go")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every n steps")
+    g.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="checkpoints to keep, newest first (default: all)"
+    )
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest', or a checkpoint-<step> folder (default: start a new run)",
+    )
     g.add_argument(
         "--stop_after_steps",
         type=int,
         default=None,
-        help="checkpoint and stop at this step, keeping the LR schedule of --max_train_steps (preemptible jobs)",
+        help="checkpoint and stop at this step, keeping the LR schedule of --max_train_steps, for preemptible jobs "
+        "(default: run to the end)",
     )
-    g.add_argument("--report_to", default=None, help="an accelerate tracker (tensorboard, wandb, ...)")
-    g.add_argument("--logging_dir", default="logs")
     g = p.add_argument_group("validation")
     g.add_argument("--validation_steps", type=int, default=100, help="sample every n steps and at the end (0: never)")
-    g.add_argument("--validation_prompts", nargs="+", default=None, help="default: two captions of the data")
-    g.add_argument("--validation_seeds", nargs="+", type=int, default=[0])
-    g.add_argument("--num_validation_frames", type=int, default=None, help="default: --num_frames")
-    g.add_argument("--num_inference_steps", type=int, default=25)
-    g.add_argument("--guidance_scale", type=float, default=7.5)
-    g.add_argument("--video_format", choices=VIDEO_FORMATS, default="mp4")
-    g.add_argument("--fps", type=int, default=8)
+    g.add_argument(
+        "--validation_prompts", nargs="+", default=None, help="prompts to sample (default: two captions of the data)"
+    )
+    g.add_argument("--validation_seeds", nargs="+", type=int, default=[0], help="one video per prompt and seed")
+    g.add_argument("--num_validation_frames", type=int, default=None, help="frames per sample (default: --num_frames)")
+    g.add_argument("--num_inference_steps", type=int, default=25, help="denoising steps per sample")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance weight")
+    g.add_argument("--video_format", choices=VIDEO_FORMATS, default="mp4", help="file format of the samples")
+    g.add_argument("--fps", type=int, default=8, help="frames per second of the sample files")
+    g = p.add_argument_group("logging")
+    g.add_argument("--report_to", default=None, help="an accelerate tracker: tensorboard, wandb, ... (default: none)")
+    g.add_argument("--logging_dir", default="logs", help="the trackers' folder, inside --output_dir")
     return p
 
 
