@@ -1,4 +1,4 @@
-"""Evaluation under the paper's protocol (issue 7): the Frechet distance against independent computations and
+"""Evaluation under the paper's protocol: the Frechet distance against independent computations and
 closed forms, reference statistics, frame sampling, the I3D loaders, the whole command end to end on tiny
 videos (a random TorchScript I3D-shaped net, a tiny random CLIP), the cache round trip, efficiency and
 time-to-target, and bad input."""

@@ -1,4 +1,4 @@
-"""Sharded training (issue 9): FSDP2 (``fully_shard``) through accelerate's FSDP plugin, two CPU processes on gloo.
+"""Sharded training: FSDP2 (``fully_shard``) through accelerate's FSDP plugin, two CPU processes on gloo.
 
 The reference for every sharded number is the unsharded two-process DDP run of the same script: the same
 global batch per step (accelerate hands each process every other batch) and the same per-sample draws

@@ -1,4 +1,4 @@
-"""Training and sampling text-to-video with Tucker-LoRA (issue 5): data readers, media, checkpoints, EMA,
+"""Training and sampling text-to-video with Tucker-LoRA: data readers, media, checkpoints, EMA,
 the training script on both backbones, exact resume, two-process DDP, the sampler, and bad input."""
 
 from __future__ import annotations

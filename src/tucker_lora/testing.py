@@ -207,9 +207,9 @@ def sharing_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers are the original's own tensors (the submodules are new).
 
     For benchmarks that time methods against each other: each method wraps its own copy of the model, and all
-    of them compute with one set of weights. Separate copies of one frozen layer, timed against each other,
-    differ by up to 8% (a 1280-channel 3x3x3 Conv3d on this project's CPU) from where their weights land in
-    memory alone, more than a low-rank adapter costs. Anything that trains the base weights needs its own copy.
+    of them compute with one set of weights, so no method is timed on weights placed elsewhere in memory (which
+    alone can move a large conv's time by more than a low-rank adapter costs; docs/performance.md). Anything
+    that trains the base weights needs its own copy.
     """
     shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return copy.deepcopy(module, memo=shared)
