@@ -198,3 +198,24 @@ def test_nothing_cites_a_file_outside_the_repository(folder):
             if OUTSIDE.search(line):
                 hits.append(f"{path.relative_to(ROOT)}:{i}: {line.strip()}")
     assert not hits, "\n".join(hits)
+
+
+#: A citation of a section of the design page: its path, then one or more section titles in quotes.
+SECTION_REFERENCE = re.compile(r"docs/design\.md[,\s(]*((?:[\"'][^\"']+[\"'][,\s]*)+)")
+
+
+def test_references_to_design_sections_name_existing_headings():
+    headings = {
+        line[3:].strip() for line in (ROOT / "docs" / "design.md").read_text().splitlines() if line.startswith("## ")
+    }
+    cited, missing = 0, []
+    for folder in ("src", "tests", "benchmarks", "examples"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for i, line in enumerate(path.read_text().splitlines(), 1):
+                for group in SECTION_REFERENCE.findall(line):
+                    for title in re.findall(r"[\"']([^\"']+)[\"']", group):
+                        cited += 1
+                        if title not in headings:
+                            missing.append(f"{path.relative_to(ROOT)}:{i}: {title!r}")
+    assert cited >= 5  # the comments do point into the page
+    assert not missing, f"sections not in docs/design.md ({sorted(headings)}):\n" + "\n".join(missing)

@@ -29,7 +29,7 @@ class TuckerLoraConfig(PeftConfig):
             for modes a layer lacks are ignored (a Conv2d has no t, a Linear only o and i); a rank
             above the mode size is clipped to it; ``0`` on a kernel mode pins that mode to its
             centre tap (``r_t = 0`` on a Conv3d is the pseudo-3D adapter); ``r_o``/``r_i`` must be >= 1.
-        alpha: scale of the update, ``W~ = W + alpha * dW`` (no division by rank).
+        alpha: scale of the update, ``W~ = W + alpha * dW`` (no division by rank; docs/design.md, "Scale").
         target_modules: module names (exact or suffix) or one regex, as in peft.
         exclude_modules: module names or a regex never to adapt.
         rank_pattern: ``{name or regex: ranks}`` overriding ``ranks`` per layer.

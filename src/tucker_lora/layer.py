@@ -3,7 +3,8 @@
 State per adapter ``a``: the core ``G`` (``tucker_lora_core[a]``), one factor ``U_n`` per trained mode
 (``tucker_lora_U_<n>[a]``, shape (dim_n, r_n)), ``alpha[a]`` and the resolved ranks. A kernel mode
 configured with rank 0 is pinned: its factor is the constant centre-tap one-hot (not stored, not
-trained) and the core has size 1 there.
+trained) and the core has size 1 there. Each call takes one of the compute paths described in
+docs/design.md ("Compute paths", "The cost model of auto").
 """
 
 from __future__ import annotations

@@ -186,7 +186,7 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> int:
     """Bytes autograd keeps for the backward while ``fn()`` runs (``saved_tensors_hooks``).
 
     Parameters are excluded and each saved buffer counts once (the same storage saved by two ops is
-    one allocation). Deterministic, unlike peak-memory readings.
+    one allocation). Deterministic, unlike peak-memory readings (docs/design.md, "Memory").
     """
     total, seen = 0, set()
 

@@ -8,9 +8,11 @@ One module per job; diffusers, transformers, accelerate and PyAV are imported in
 - ``pipeline``: the backbones (diffusers ``UNet3DConditionModel`` with its text-to-video pipeline,
   AnimateDiff's ``UNetMotionModel``): a tiny random pipeline built from configs with a local tokenizer,
   loading a local diffusers folder, prompt encoding and sampling;
+- ``tiny_unets``: the tiny UNets of that random pipeline, built from configs;
 - ``adapters``: the adapter config per method (Tucker-LoRA, or peft LoRA at a matched parameter count);
 - ``ema``: exponential moving average of the adapter parameters;
-- ``checkpoint``: crash-safe accelerate checkpoints and the per-step JSONL log;
+- ``checkpoint``: crash-safe accelerate checkpoints;
+- ``metrics``: the per-step JSONL log and peak memory;
 - ``distributed``: FSDP2 sharding through accelerate and gathering the adapter of a sharded model;
 - ``media``: MP4 / GIF writing and the PNG grid of frames t=0 / mid / end;
 - ``motion``: motion laws of the synthetic domains and the estimator of a clip's dominant motion;
