@@ -1,4 +1,4 @@
-"""Benchmark of the HOSVD / HOOI initialisers (``tucker_lora.init``) on CPU.
+"""Benchmark of the HOSVD / HOOI initialisers (``tucker_lora.decomposition``, ``tucker_lora.init``) on CPU.
 
     .venv/bin/python benchmarks/bench_init.py kernel   # one 1280x1280x3x3x3 kernel: ours vs tensorly's default
     .venv/bin/python benchmarks/bench_init.py unet     # every targeted layer of a full-size UNet3DConditionModel
@@ -44,7 +44,7 @@ def sin_max_angle(U: torch.Tensor, V: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------------- kernel
 def power_law_kernel(shape, seed: int = 0) -> torch.Tensor:
     """An i.i.d. kernel with singular values decaying as 1/j along o and i (more like a trained weight)."""
-    from tucker_lora.init import mode_dot_t
+    from tucker_lora.decomposition import mode_dot_t
 
     g = torch.Generator().manual_seed(seed)
     X = torch.randn(shape, generator=g)
@@ -69,7 +69,7 @@ def bench_kernel(repeat: int) -> list[dict]:
     from tensorly.decomposition import tucker
     from tensorly.decomposition._tucker import initialize_tucker
 
-    from tucker_lora.init import captured_energy, hooi, hosvd
+    from tucker_lora.decomposition import captured_energy, hooi, hosvd
 
     shape = (1280, 1280, 3, 3, 3)
     rows = []

@@ -15,7 +15,7 @@ Baselines get the trainable parameter count nearest to Tucker's: peft LoRA rank 
 
     python benchmarks/bench_layers.py                # CPU sizes (scaled down, see SHAPES)
     python benchmarks/bench_layers.py --runs 3       # three fresh processes, medians of their ratios
-    python benchmarks/bench_layers.py --full-size    # the issue's sizes (GPU)
+    python benchmarks/bench_layers.py --full-size    # the full-size layers (GPU)
     python benchmarks/bench_layers.py --device cuda --full-size --json out.json
     python benchmarks/bench_layers.py --compile reduce-overhead   # every column under torch.compile
 """
@@ -356,7 +356,7 @@ def peaks_in_child(args: argparse.Namespace, index: int) -> Callable[[], dict[st
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--full-size", action="store_true", help="the issue's layer sizes instead of the CPU ones")
+    parser.add_argument("--full-size", action="store_true", help="the full-size layers instead of the CPU ones")
     parser.add_argument("--ranks", type=int, nargs=5, default=(4, 4, 1, 1, 1))
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)

@@ -8,7 +8,7 @@ on every thread. This script times both ways (``SPLIT_PER_THREAD`` blocks per th
 (medians, and the median of per-round ratios), for activation sizes around the threshold ``SPLIT_MIN_NUMEL`` and for
 the layer sizes of ``bench_layers.py``, on the threads torch uses (``--threads``). The adapter splits
 only the projection (``functional.split_blocks``), from ``SPLIT_MIN_NUMEL`` elements up and on two threads or
-more: the split update was as often slower as faster.
+more; the update is not split, as this benchmark finds no gain in splitting it (docs/performance.md).
 
 A factor gradient ``dU = sum_n x_n z_n^T`` (x: N x C x S/N, z: N x r x S/N) is timed as written (``x z^T``) and as
 the transpose of ``z x^T``, with the activations split into ``--batch`` samples (the adapter computes it as

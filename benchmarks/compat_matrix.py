@@ -34,7 +34,8 @@ from torch import nn
 
 import tucker_lora
 from tucker_lora.targets import default_target_names
-from tucker_lora.testing import _redraw_zero_weights, example_inputs, tiny_unet3d, tiny_unet_motion
+from tucker_lora.testing import example_inputs, tiny_unet3d, tiny_unet_motion
+from tucker_lora.video.tiny_unets import redraw_zero_weights
 
 #: Tucker ranks (r_o, r_i, r_t, r_h, r_w) and peft LoRA rank used in the matrix.
 RANKS = (4, 4, 2, 2, 2)
@@ -56,7 +57,7 @@ class Case:
     def model(self, seed: int = 0) -> nn.Module:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = _redraw_zero_weights(self.build())
+            model = redraw_zero_weights(self.build())
         return model.eval()
 
 

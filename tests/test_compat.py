@@ -1,4 +1,4 @@
-"""Tucker-LoRA on the convolutions of the diffusers video models (the compatibility matrix, issue 8).
+"""Tucker-LoRA on the convolutions of the diffusers video models (the compatibility matrix).
 
 The models are the tiny configs of ``benchmarks/compat_matrix.py`` (``CASES``): video VAEs whose Conv3d
 are subclasses that override ``forward`` (Wan's causal conv with a frame cache, CogVideoX's chunked conv),

@@ -1,4 +1,4 @@
-"""Evaluation under the paper's protocol (issue 7): the Frechet distance against independent computations and
+"""Evaluation under the paper's protocol: the Frechet distance against independent computations and
 closed forms, reference statistics, frame sampling, the I3D loaders, the whole command end to end on tiny
 videos (a random TorchScript I3D-shaped net, a tiny random CLIP), the cache round trip, efficiency and
 time-to-target, and bad input."""
@@ -19,6 +19,7 @@ from torch import nn
 av = pytest.importorskip("av")
 pytest.importorskip("transformers")
 
+from tucker_lora.errors import InputError  # noqa: E402
 from tucker_lora.eval.cli import cli, main  # noqa: E402
 from tucker_lora.eval.efficiency import (  # noqa: E402
     time_saved,
@@ -31,7 +32,6 @@ from tucker_lora.eval.i3d import load_i3d  # noqa: E402
 from tucker_lora.eval.inception_i3d import InceptionI3d  # noqa: E402
 from tucker_lora.eval.stats import FeatureStats, SettingsMismatchError, load_stats  # noqa: E402
 from tucker_lora.eval.videos import frame_indices, read_video, to_detector_input  # noqa: E402
-from tucker_lora.video import InputError  # noqa: E402
 from tucker_lora.video.media import write_video  # noqa: E402
 
 FEATURES = 4  # the tiny detector's feature size: fewer than the videos, so the covariances have full rank

@@ -1,4 +1,4 @@
-"""Sharded training (issue 9): FSDP2 (``fully_shard``) through accelerate's FSDP plugin, two CPU processes on gloo.
+"""Sharded training: FSDP2 (``fully_shard``) through accelerate's FSDP plugin, two CPU processes on gloo.
 
 The reference for every sharded number is the unsharded two-process DDP run of the same script: the same
 global batch per step (accelerate hands each process every other batch) and the same per-sample draws
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -237,6 +238,35 @@ def test_wrap_policy_takes_the_unets_blocks_from_the_shipped_config():
     size_based = accelerator(None)
     size_based.state.fsdp_plugin.auto_wrap_policy = functools.partial(lambda m: False)
     assert configure_wrap_policy(size_based, unet) == []
+
+
+def test_untested_accelerate_is_refused_before_its_state_is_written(monkeypatch):
+    """Outside the tested accelerate releases the CPU FSDP2 switch and the adapter-only checkpoints stop with a message
+    naming the installed version and the tested range; the accelerator's state is left as it was."""
+    from types import SimpleNamespace
+
+    import accelerate
+    from accelerate.utils import DistributedType
+
+    from tucker_lora.errors import InputError
+    from tucker_lora.video.distributed import ShardedCheckpointing, check_accelerate, enable_fsdp
+
+    installed = accelerate.__version__
+    check_accelerate("this", installed)  # the installed release is a tested one
+    for version in ("1.7.0", "1.16.3", "1.12.0rc1"):
+        check_accelerate("this", version)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    for version in ("1.6.0", "1.17.0", "1.17.0.dev0", "2.0.0", "not-a-version"):
+        monkeypatch.setattr(accelerate, "__version__", version)
+        acc = SimpleNamespace(
+            state=SimpleNamespace(distributed_type=DistributedType.MULTI_CPU, fsdp_plugin=None), mixed_precision="no"
+        )
+        expected = rf"accelerate {re.escape(version)} is installed.*accelerate>=1\.7,<1\.17"
+        with pytest.raises(InputError, match=rf"FSDP2 on the CPU .*tested on accelerate 1\.7 to 1\.16.*{expected}"):
+            enable_fsdp(acc)
+        assert acc.state.distributed_type == DistributedType.MULTI_CPU and acc.state.fsdp_plugin is None
+        with pytest.raises(InputError, match=rf"sharded checkpoints .*{expected}"):
+            ShardedCheckpointing(acc, None, None)
 
 
 def test_optimizer_state_keys_convert_to_torchs_own_format_and_back():

@@ -17,10 +17,12 @@ from peft import get_peft_model
 from tensorly.decomposition import tucker as tl_tucker
 from torch import nn
 
+import tucker_lora.decomposition as tdec
 import tucker_lora.init as tinit
 from conftest import TARGETS
 from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
-from tucker_lora.init import hooi, hosvd, init_from_gradients, init_from_weights, leading_subspace
+from tucker_lora.decomposition import hooi, hosvd, leading_subspace
+from tucker_lora.init import init_from_gradients, init_from_weights
 from tucker_lora.testing import default_targets, example_inputs, model_output, tiny_unet3d
 from tucker_lora.tucker import centre_tap, reconstruct, resolve_ranks, unfold
 
@@ -82,7 +84,7 @@ def test_hosvd_matches_numpy_svd_of_each_unfolding(shape, ranks, method):
         np.testing.assert_allclose(U.T @ U, np.eye(r), atol=1e-12)
         ref = np.linalg.svd(unfold(X, n).numpy())[0][:, :r]
         np.testing.assert_allclose(projector(U), ref @ ref.T, atol=1e-9)
-    torch.testing.assert_close(core, X if X.ndim == 0 else tinit._project(X, dict(enumerate(factors))))
+    torch.testing.assert_close(core, X if X.ndim == 0 else tdec.project(X, dict(enumerate(factors))))
 
 
 def test_leading_subspace_methods_agree_and_complete():
@@ -227,7 +229,7 @@ def test_config_init_from_weight_keeps_outputs_and_spans_leading_subspaces(toy, 
         mr = layer.mode_ranks["default"]
         W = weights[name.rsplit(".", 1)[-1]].double()
         assert not layer.tucker_lora_core["default"].any()
-        X = tinit._restrict(W, mr)  # the weight at the centre tap of pinned modes
+        X = tdec.restrict(W, mr)  # the weight at the centre tap of pinned modes
         ref_core, ref_factors = (hooi if init == "hooi" else hosvd)(X.double(), [r for r in mr.ranks])
         for n, U in enumerate(layer.factors("default")):
             assert U.dtype == torch.float32
@@ -269,7 +271,7 @@ def test_config_accepts_the_init_names_and_round_trips(toy, video, tmp_path, mon
     torch.testing.assert_close(loaded(video), model(video))
     # loading on empty weights does not decompose anything: the checkpoint fills the adapter
     calls = []
-    monkeypatch.setattr(tinit, "hooi", lambda *a, **k: calls.append(1) or hooi(*a, **k))
+    monkeypatch.setattr(tdec, "hooi", lambda *a, **k: calls.append(1) or hooi(*a, **k))
     loaded = PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path, low_cpu_mem_usage=True)
     assert calls == []
     torch.testing.assert_close(loaded(video), model(video))
@@ -356,7 +358,7 @@ def test_gradient_hooi_init_beats_random_orthonormal_init_after_one_step():
             for U, V in zip(layer.factors("default"), planted_factors, strict=True):
                 assert sin_max_angle(U, V) < 0.2  # the gradient's leading subspaces are the planted ones
         elif init == "oracle":
-            tinit._set_factors(layer, "default", [U.float() for U in planted_factors])
+            layer.set_factors("default", [U.float() for U in planted_factors])
         _, drops[init] = loss_drop_after_one_step(model, batches, lr=2.0)
         assert drops[init] > 0
     print(

@@ -3,7 +3,7 @@
 References: ``torch.nn.functional`` convolutions with the merged weight (padding modes written out with
 ``F.pad``), ``tensorly.tucker_to_tensor`` on numpy arrays, an einsum reconstruction of our own, numpy
 matrix ranks of our own unfoldings, Proposition 1 counted by hand from the shapes, and peft's own LoRA
-(Proposition 3 (ii)). Rank rules re-derived here from DESIGN.md section 1, not imported from the library.
+(Proposition 3 (ii)). Rank rules re-derived here from docs/design.md ("Ranks"), not imported from the library.
 """
 
 from __future__ import annotations
@@ -39,12 +39,12 @@ PROPERTY = settings(max_examples=30, deadline=None, suppress_health_check=[Healt
 
 # ---------------------------------------------------------------------------------------------- references
 def weight_modes(order: int) -> tuple[str, ...]:
-    """DESIGN.md 1: (o, i) then the kernel modes right-aligned onto (t, h, w)."""
+    """(o, i), then the kernel modes right-aligned onto (t, h, w) (docs/design.md, "The object and notation")."""
     return ("o", "i") + ("t", "h", "w")[5 - order :]
 
 
 def expected_layout(ranks: tuple[int, ...], shape: tuple[int, ...]) -> list[tuple[str, int, int, bool]]:
-    """Per weight mode: (mode, dim, core size, pinned), by the rank rules of DESIGN.md 1 (clip, pin on 0)."""
+    """Per weight mode: (mode, dim, core size, pinned), by the rank rules (docs/design.md, "Ranks"): clip, pin on 0."""
     by_mode = dict(zip(MODES, ranks, strict=True))
     out = []
     for mode, dim in zip(weight_modes(len(shape)), shape, strict=True):

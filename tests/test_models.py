@@ -1,4 +1,4 @@
-"""Tucker-LoRA on the three tiny video models of ``tucker_lora.testing`` (DESIGN.md section 5).
+"""Tucker-LoRA on the three tiny video models of ``tucker_lora.testing``.
 
 Per model: training touches only adapter parameters and lowers the loss; save -> load in a fresh
 Python process reproduces the output; ``merge_and_unload`` matches the unmerged output; the adapter

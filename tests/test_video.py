@@ -1,8 +1,9 @@
-"""Training and sampling text-to-video with Tucker-LoRA (issue 5): data readers, media, checkpoints, EMA,
+"""Training and sampling text-to-video with Tucker-LoRA: data readers, media, checkpoints, EMA,
 the training script on both backbones, exact resume, two-process DDP, the sampler, and bad input."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -22,6 +23,7 @@ from peft import get_peft_model  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from tucker_lora.testing import example_inputs  # noqa: E402
 from tucker_lora.video import InputError  # noqa: E402
 from tucker_lora.video.adapters import lora_num_params, matched_lora_rank, plan_adapter, tucker_num_params  # noqa: E402
 from tucker_lora.video.checkpoint import Checkpoints  # noqa: E402
@@ -311,7 +313,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone):
     from diffusers import DDPMScheduler
     from torch.utils.data import default_collate
 
-    from tucker_lora.video.pipeline import enable_gradient_checkpointing
+    from tucker_lora.video.pipeline import gradient_checkpointing
     from tucker_lora.video.train import diffusion_loss, step_generator
 
     grads = []
@@ -319,17 +321,47 @@ def test_gradient_checkpointing_gives_the_same_gradients(backbone):
         c = tiny_components(backbone)
         for module in (c.vae, c.text_encoder, c.unet):
             module.requires_grad_(False)
-        if checkpointing:
-            assert enable_gradient_checkpointing(c.unet) == ("blocks" if backbone == "unet3d" else "diffusers")
-        torch.manual_seed(0)  # the adapter's random init, then the UNet3D's dropout
-        model = get_peft_model(c.unet, plan_adapter("tucker", c.unet, (4, 4, 1, 1, 1), init_weights=False).config)
-        model.train()
-        batch = default_collate([MovingShapesDataset(1, 4, 64)[0]])
-        scheduler = DDPMScheduler.from_config(c.scheduler.config)
-        diffusion_loss(model, c, scheduler, batch, step_generator(0, 0, 0, 0)).backward()
-        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+        with contextlib.ExitStack() as stack:
+            if checkpointing:
+                how = stack.enter_context(gradient_checkpointing(c.unet))
+                assert how == ("blocks" if backbone == "unet3d" else "diffusers")
+            torch.manual_seed(0)  # the adapter's random init, then the UNet3D's dropout
+            model = get_peft_model(c.unet, plan_adapter("tucker", c.unet, (4, 4, 1, 1, 1), init_weights=False).config)
+            model.train()
+            batch = default_collate([MovingShapesDataset(1, 4, 64)[0]])
+            scheduler = DDPMScheduler.from_config(c.scheduler.config)
+            diffusion_loss(model, c, scheduler, batch, step_generator(0, 0, 0, 0)).backward()
+            grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
     assert grads[0].keys() == grads[1].keys()
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backbone", ["unet3d", "animatediff"])
+def test_gradient_checkpointing_restores_the_unet(backbone):
+    """After the block every UNet block calls its class's own forward again (UNet3D), or diffusers' switch is off
+    again (AnimateDiff); a UNet that had it on keeps it on; the output is the same as before."""
+    from tucker_lora.video.pipeline import gradient_checkpointing
+
+    unet = tiny_components(backbone).unet
+    blocks = [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    before = {id(b): type(b).forward for b in blocks}
+    inputs = example_inputs(unet)
+    with torch.no_grad():
+        ref = unet(**inputs).sample
+    with gradient_checkpointing(unet) as how:
+        if how == "blocks":
+            assert all("forward" in vars(b) for b in blocks)  # the checkpointing wrappers are in place
+        else:
+            assert unet.is_gradient_checkpointing
+    assert all("forward" not in vars(b) and b.forward.__func__ is before[id(b)] for b in blocks)
+    assert not getattr(unet, "is_gradient_checkpointing", False)
+    with torch.no_grad():
+        torch.testing.assert_close(unet(**inputs).sample, ref, rtol=0, atol=0)
+    if how == "diffusers":  # switched on by the caller: left on
+        unet.enable_gradient_checkpointing()
+        with gradient_checkpointing(unet):
+            pass
+        assert unet.is_gradient_checkpointing
 
 
 # ---------------------------------------------------------------------------------------------- training script
@@ -380,6 +412,30 @@ def test_merged_and_unmerged_sampling_agree(tmp_path):
     # the frame grid is a lossless PNG: the same frames up to float rounding (the MP4 codec would turn a
     # one-level change of a pixel into a different block decision, up to a dozen levels)
     assert np.abs(videos[True] - videos[False]).max() <= 2
+
+
+def test_generate_passes_the_negative_prompt_to_the_pipeline():
+    """``generate`` (and with it ``--negative_prompt`` of the sampling command) gives what diffusers' pipeline gives
+    for the same prompt, negative prompt and seed, and the negative prompt changes the video."""
+    from tucker_lora.video.pipeline import generate
+
+    pipe = tiny_components("unet3d").pipeline()
+    prompt, negative = "a red circle moving left", "a blue square moving right"
+    ((_, _, with_negative),) = generate(pipe, [prompt], [3], 2, 2, 7.5, 64, 64, negative_prompt=negative)
+    ((_, _, without),) = generate(pipe, [prompt], [3], 2, 2, 7.5, 64, 64)
+    reference = pipe(
+        prompt=prompt,
+        negative_prompt=negative,
+        num_frames=2,
+        num_inference_steps=2,
+        guidance_scale=7.5,
+        height=64,
+        width=64,
+        generator=torch.Generator("cpu").manual_seed(3),
+        output_type="np",
+    ).frames[0]
+    np.testing.assert_array_equal(with_negative, np.clip(reference * 255.0, 0, 255).round().astype(np.uint8))
+    assert np.abs(with_negative.astype(int) - without.astype(int)).max() > 0
 
 
 def test_resume_continues_exactly_like_an_uninterrupted_run(tmp_path):

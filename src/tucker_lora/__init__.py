@@ -6,7 +6,8 @@ peft's lifecycle work with ``TuckerLoraConfig``.
 """
 
 from .config import TuckerLoraConfig
-from .io import AdapterFileError, check_safetensors, save_adapter
+from .errors import AdapterFileError, InputError
+from .io import check_safetensors, save_adapter
 from .layer import TuckerLoraLayer
 from .model import TuckerLoraModel
 from .registry import TUCKER_LORA, register
@@ -20,6 +21,7 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "TUCKER_LORA",
     "AdapterFileError",
+    "InputError",
     "TuckerLoraConfig",
     "TuckerLoraLayer",
     "TuckerLoraModel",

@@ -9,6 +9,7 @@ from typing import Optional, Union
 
 from peft.config import PeftConfig
 
+from .decomposition import DECOMPOSITIONS
 from .io import WEIGHTS_NAME, check_safetensors
 from .registry import TUCKER_LORA
 from .tucker import MODES, validate_ranks
@@ -16,7 +17,7 @@ from .tucker import MODES, validate_ranks
 #: Values of ``forward_mode``.
 FORWARD_MODES: tuple[str, ...] = ("auto", "factored", "merged")
 #: Values of ``init_weights`` this version understands.
-INIT_CHOICES: tuple[object, ...] = (True, False, "hosvd", "hooi")
+INIT_CHOICES: tuple[object, ...] = (True, False, *DECOMPOSITIONS)
 
 
 @dataclass
@@ -28,7 +29,7 @@ class TuckerLoraConfig(PeftConfig):
             for modes a layer lacks are ignored (a Conv2d has no t, a Linear only o and i); a rank
             above the mode size is clipped to it; ``0`` on a kernel mode pins that mode to its
             centre tap (``r_t = 0`` on a Conv3d is the pseudo-3D adapter); ``r_o``/``r_i`` must be >= 1.
-        alpha: scale of the update, ``W~ = W + alpha * dW`` (no division by rank).
+        alpha: scale of the update, ``W~ = W + alpha * dW`` (no division by rank; docs/design.md, "Scale").
         target_modules: module names (exact or suffix) or one regex, as in peft.
         exclude_modules: module names or a regex never to adapt.
         rank_pattern: ``{name or regex: ranks}`` overriding ``ranks`` per layer.

@@ -12,11 +12,11 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from .errors import AdapterFileError
+
+#: The files of a peft ``save_pretrained`` adapter folder.
 WEIGHTS_NAME = "adapter_model.safetensors"
-
-
-class AdapterFileError(ValueError):
-    """An adapter file on disk is unreadable (truncated, corrupted or not safetensors)."""
+CONFIG_NAME = "adapter_config.json"
 
 
 def check_safetensors(path: str | os.PathLike) -> dict[str, Any]:

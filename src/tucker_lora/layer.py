@@ -3,7 +3,8 @@
 State per adapter ``a``: the core ``G`` (``tucker_lora_core[a]``), one factor ``U_n`` per trained mode
 (``tucker_lora_U_<n>[a]``, shape (dim_n, r_n)), ``alpha[a]`` and the resolved ranks. A kernel mode
 configured with rank 0 is pinned: its factor is the constant centre-tap one-hot (not stored, not
-trained) and the core has size 1 there.
+trained) and the core has size 1 there. Each call takes one of the compute paths described in
+docs/design.md ("Compute paths", "The cost model of auto").
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import torch
 from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
 from torch import nn
 
+from . import decomposition
+from .decomposition import DECOMPOSITIONS
 from .functional import (
     ConvGeometry,
     adapted_conv,
@@ -30,6 +33,7 @@ logger = logging.getLogger("tucker_lora")
 
 SUPPORTED_LAYERS: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _CLIPPING_REPORTED: set[tuple[str, ...]] = set()
+_INIT_REPORTED: set[tuple[str, str]] = set()
 
 
 def factor_attr(mode: str) -> str:
@@ -174,10 +178,8 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         for n in mr.trainable_modes:
             U = getattr(self, factor_attr(mr.modes[n]))[adapter_name]
             U.copy_(orthonormal(mr.dims[n], mr.ranks[n]))
-        if init_weights in ("hosvd", "hooi"):
-            from .init import init_layer_from_weight  # init imports layer lazily; keep the import here
-
-            init_layer_from_weight(self, adapter_name, init_weights)
+        if init_weights in DECOMPOSITIONS:
+            self.init_from_weight(adapter_name, init_weights)
         core = self.tucker_lora_core[adapter_name]
         if init_weights is False:
             core.normal_(0.0, 0.1)
@@ -185,6 +187,45 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             core.normal_(0.0, core_init_scale)
         else:
             core.zero_()
+
+    @torch.no_grad()
+    def init_from_weight(self, adapter_name: str, method: str = "hosvd", report: bool = True) -> Optional[float]:
+        """Set the adapter's factors from the HOSVD / HOOI (``method``) of the frozen base weight; return the
+        captured energy ``||G||^2 / ||W||^2`` (docs/design.md, "Initialisation").
+
+        The core is not touched. A base weight or adapter on the meta device (empty-weight loading, which the
+        checkpoint fills) is skipped and None returned. Every layer logs its energy at DEBUG; with ``report``,
+        the first layer of each type and method also at INFO.
+        """
+        if method not in DECOMPOSITIONS:
+            raise ValueError(f"method must be one of {DECOMPOSITIONS}, got {method!r}")
+        weight = self.get_base_layer().weight
+        if weight.device.type == "meta" or self.tucker_lora_core[adapter_name].device.type == "meta":
+            return None
+        mr = self.mode_ranks[adapter_name]
+        core, factors = (decomposition.hooi if method == "hooi" else decomposition.hosvd)(weight, mr)
+        self.set_factors(adapter_name, factors)
+        energy = decomposition.captured_energy(decomposition.restrict(weight, mr), core)
+        logger.debug("%s init of '%s' from its base weight: captured energy %.4f", method, self.layer_name, energy)
+        kind = type(self.get_base_layer()).__name__
+        if report and (kind, method) not in _INIT_REPORTED:
+            _INIT_REPORTED.add((kind, method))
+            logger.info(
+                "%s init from the base weight on %s layers (first: '%s', captured energy %.4f; each layer at DEBUG)",
+                method,
+                kind,
+                self.layer_name,
+                energy,
+            )
+        return energy
+
+    @torch.no_grad()
+    def set_factors(self, adapter_name: str, factors: list[torch.Tensor]) -> None:
+        """Copy ``factors`` (one per mode, ``[U_o, U_i, ...]``) into the adapter's trained factors; pinned modes
+        keep their centre tap."""
+        mr = self.mode_ranks[adapter_name]
+        for n in mr.trainable_modes:
+            getattr(self, factor_attr(mr.modes[n]))[adapter_name].copy_(factors[n])
 
     def factors(self, adapter_name: str) -> list[torch.Tensor]:
         """``[U_o, U_i, (U_t, U_h,) U_w]`` of the adapter, pinned modes as their centre-tap one-hot."""

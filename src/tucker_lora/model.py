@@ -13,13 +13,12 @@ from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import TuckerLoraConfig
-from .layer import SUPPORTED_LAYERS, TuckerLoraLayer, factor_attr, logger
+from .decomposition import DECOMPOSITIONS
+from .init import init_from_weights
+from .layer import SUPPORTED_LAYERS, TuckerLoraLayer, logger
 from .registry import PREFIX
 from .targets import DEFAULT_TARGET_MODULES, default_target_names
 from .tucker import MODES, block_diagonal_core, orthonormalise
-
-#: ``init_weights`` values that decompose the base weights.
-DECOMPOSITIONS = ("hosvd", "hooi")
 
 
 class TuckerLoraModel(BaseTuner):
@@ -93,8 +92,6 @@ class TuckerLoraModel(BaseTuner):
         config = self.peft_config[adapter_name]
         low_cpu_mem_usage = kwargs.get("low_cpu_mem_usage", args[1] if len(args) > 1 else False)
         if config.init_weights in DECOMPOSITIONS and not config.inference_mode and not low_cpu_mem_usage:
-            from .init import init_from_weights
-
             init_from_weights(model, config.init_weights, adapter_name)
 
     # ------------------------------------------------------------------ loading
@@ -208,11 +205,9 @@ class TuckerLoraModel(BaseTuner):
             if key not in combined:
                 continue
             core, factors = combined[key]
-            mr = layer.mode_ranks[adapter_name]
             with torch.no_grad():
                 layer.tucker_lora_core[adapter_name].copy_(core)
-                for n in mr.trainable_modes:
-                    getattr(layer, factor_attr(mr.modes[n]))[adapter_name].copy_(factors[n])
+            layer.set_factors(adapter_name, factors)
 
 
 def _pattern_value(pattern: dict, key: str, default):

@@ -3,7 +3,7 @@
 peft keys its registry on members of the ``PeftType`` enum. We add a real member
 ``PeftType.TUCKER_LORA`` (so ``config.peft_type.value``, ``PeftType("TUCKER_LORA")``,
 ``PeftType["TUCKER_LORA"]`` and ``list(PeftType)`` behave as for built-in methods), then call
-peft's own ``register_peft_method``. Both steps are idempotent.
+peft's own ``register_peft_method``. Both steps are idempotent (docs/design.md, "In peft").
 """
 
 from __future__ import annotations

@@ -8,11 +8,15 @@ are skipped, so a pattern like ``(.*\\.)?conv`` selects the convolutions inside 
 
 A model is looked up by its class name, then by the names of its base classes (a subclass of
 ``UNet3DConditionModel`` gets that entry).
+
+``minimal_suffixes`` writes a list of selected layers as the shortest name suffixes peft's list rule
+matches to exactly those layers (what a saved ``adapter_config.json`` holds).
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Optional
 
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -20,7 +24,7 @@ from torch import nn
 
 from .layer import SUPPORTED_LAYERS
 
-__all__ = ["DEFAULT_TARGET_MODULES", "default_pattern", "default_target_names"]
+__all__ = ["DEFAULT_TARGET_MODULES", "default_pattern", "default_target_names", "minimal_suffixes"]
 
 _UNET3D = r"(.*\.)?(temp_convs\.\d+\.conv\d\.\d+|resnets\.\d+\.conv[12])"
 
@@ -75,3 +79,34 @@ def default_target_names(model: nn.Module) -> Optional[list[str]]:
         if isinstance(base, SUPPORTED_LAYERS):
             names.append(name)
     return names
+
+
+def _matches(name: str, targets: Iterable[str]) -> bool:
+    """peft's rule for a list of target_modules: an exact name or a dotted suffix."""
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+def minimal_suffixes(all_names: Iterable[str], selected: Iterable[str]) -> list[str]:
+    """The shortest dotted suffixes that peft's list rule matches to exactly ``selected`` among ``all_names``.
+
+    For each selected name, the shortest suffix (fewest dotted components, not starting at a bare index
+    such as ``3`` in ``conv4.3``) that matches no unselected module; the result, sorted and without
+    duplicates, selects the same modules as the full names.
+    """
+    all_names = [n for n in all_names if n]
+    selected = set(selected)
+    others = [n for n in all_names if n not in selected]
+    out: set[str] = set()
+    for name in selected:
+        parts = name.split(".")
+        for k in range(1, len(parts) + 1):
+            suffix = ".".join(parts[-k:])
+            if parts[-k].isdigit() and k < len(parts):
+                continue
+            if not any(_matches(n, (suffix,)) for n in others):
+                out.add(suffix)
+                break
+    chosen = sorted(out)
+    if {n for n in all_names if _matches(n, chosen)} != selected:
+        raise ValueError(f"selected names missing from all_names: {sorted(selected - set(all_names))}")
+    return chosen

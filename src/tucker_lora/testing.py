@@ -1,6 +1,9 @@
-"""Tiny video models built from configs (no downloads), for tests, the demo and benchmarks.
+"""Test support: tiny video models built from configs (no downloads), their inputs and targets, and measuring
+helpers for the tests and benchmarks.
 
-Three families from DESIGN.md section 5:
+No production module imports this one (``tests/test_layout.py`` checks it); it imports whatever it needs.
+
+The three model families the tests adapt:
 
 - ``tiny_unet3d``: diffusers ``UNet3DConditionModel`` (ModelScope / zeroscope); temporal Conv3d with
   kernel (3, 1, 1) inside ``temp_convs``, spatial Conv2d in the resnets.
@@ -8,123 +11,40 @@ Three families from DESIGN.md section 5:
   ``MotionAdapter`` (AnimateDiff); Conv2d resnets, Linear layers in the motion modules.
 - ``tiny_conv3d_net``: ``TinyConv3dNet``, a small UNet of full 3x3x3 Conv3d (VideoCrafter / video VAE style).
 
-diffusers is optional: it is imported inside the functions that need it. Every builder is
+The two diffusers builders live in ``tucker_lora.video.tiny_unets`` (the training command line's default
+pipeline uses them) and are re-exported here; diffusers is imported inside them. Every builder is
 deterministic given its seed and leaves the caller's global RNG state alone.
 """
 
 from __future__ import annotations
 
 import copy
-import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .targets import default_target_names
+from .targets import default_target_names, minimal_suffixes
+from .video.tiny_unets import SAMPLE_SIZE, tiny_unet3d, tiny_unet_motion
 
 __all__ = [
-    "saved_activation_bytes",
-    "sharing_copy",
-    "TinyConv3dNet",
     "BUILDERS",
+    "TinyConv3dNet",
     "default_target_modules",
     "default_targets",
     "example_inputs",
-    "minimal_suffixes",
     "model_output",
+    "saved_activation_bytes",
+    "sharing_copy",
     "tiny_conv3d_net",
     "tiny_unet3d",
     "tiny_unet_motion",
 ]
 
-#: Spatial size, channels and text-embedding width shared by the two diffusers models.
-SAMPLE_SIZE = 8
-LATENT_CHANNELS = 4
-CROSS_ATTENTION_DIM = 32
+#: Text tokens per prompt in ``example_inputs``.
 TEXT_TOKENS = 3
-#: Sizes shared by the tiny 3D UNet and the 2D UNet under the motion model.
-_UNET_SIZES: dict[str, Any] = dict(
-    sample_size=SAMPLE_SIZE,
-    in_channels=LATENT_CHANNELS,
-    out_channels=LATENT_CHANNELS,
-    block_out_channels=(32, 64),
-    layers_per_block=1,
-    norm_num_groups=8,
-    cross_attention_dim=CROSS_ATTENTION_DIM,
-    attention_head_dim=8,
-)
-
-
-def _redraw_zero_weights(model: nn.Module) -> nn.Module:
-    """Re-initialise (torch's default init) every Linear/Conv whose weight is all zero.
-
-    diffusers zero-initialises some output layers (e.g. the last conv of each ``temp_convs`` block of
-    ``UNet3DConditionModel``) so a fresh block is an identity; in a trained checkpoint they are not zero.
-    Redrawing them keeps every path of the tiny model live, so an adapter anywhere changes the output.
-    """
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)) and not module.weight.any():
-                module.reset_parameters()
-    return model
-
-
-def tiny_unet3d(seed: int = 0) -> Any:
-    """A tiny ``diffusers.UNet3DConditionModel`` (ModelScope / zeroscope text-to-video family).
-
-    Two resolution levels (32, 64 channels), one layer per block, 8x8 latents with 4 channels,
-    text embeddings of width 32. About 1.3 M parameters. Input ``sample``: (N, 4, T, 8, 8).
-    """
-    from diffusers import UNet3DConditionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = UNet3DConditionModel(
-            down_block_types=("CrossAttnDownBlock3D", "DownBlock3D"),
-            up_block_types=("UpBlock3D", "CrossAttnUpBlock3D"),
-            **_UNET_SIZES,
-        )
-        _redraw_zero_weights(model)
-    return model.eval()
-
-
-def tiny_unet_motion(seed: int = 0) -> Any:
-    """A tiny ``diffusers.UNetMotionModel`` (AnimateDiff): a tiny ``UNet2DConditionModel`` + ``MotionAdapter``.
-
-    Same sizes as ``tiny_unet3d``; motion modules with 2 heads and sequences of up to 16 frames.
-    Input ``sample``: (N, 4, T, 8, 8); ``encoder_hidden_states`` are per frame, (N * T, 3, 32),
-    as the AnimateDiff pipeline passes them.
-    """
-    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
-
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(
-            down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-            **_UNET_SIZES,
-        )
-        adapter = MotionAdapter(
-            block_out_channels=(32, 64),
-            motion_layers_per_block=1,
-            motion_num_attention_heads=2,
-            motion_norm_num_groups=8,
-            motion_max_seq_length=16,
-            use_motion_mid_block=True,
-        )
-        # from_unet2d casts with .to(dtype), which logs a spurious "keep in float32: []" warning
-        quiet = logging.getLogger("diffusers.models.modeling_utils")
-        level = quiet.level
-        quiet.setLevel(logging.ERROR)
-        try:
-            model = UNetMotionModel.from_unet2d(unet, adapter)
-        finally:
-            quiet.setLevel(level)
-        _redraw_zero_weights(model)
-    return model.eval()
 
 
 class ResBlock3d(nn.Module):
@@ -213,37 +133,6 @@ def default_target_modules(model: nn.Module) -> list[str]:
     return names
 
 
-def _matches(name: str, targets: Iterable[str]) -> bool:
-    """peft's rule for a list of target_modules: an exact name or a dotted suffix."""
-    return any(name == t or name.endswith("." + t) for t in targets)
-
-
-def minimal_suffixes(all_names: Iterable[str], selected: Iterable[str]) -> list[str]:
-    """The shortest dotted suffixes that peft's list rule matches to exactly ``selected`` among ``all_names``.
-
-    For each selected name, the shortest suffix (fewest dotted components, not starting at a bare index
-    such as ``3`` in ``conv4.3``) that matches no unselected module; the result, sorted and without
-    duplicates, selects the same modules as the full names.
-    """
-    all_names = [n for n in all_names if n]
-    selected = set(selected)
-    others = [n for n in all_names if n not in selected]
-    out: set[str] = set()
-    for name in selected:
-        parts = name.split(".")
-        for k in range(1, len(parts) + 1):
-            suffix = ".".join(parts[-k:])
-            if parts[-k].isdigit() and k < len(parts):
-                continue
-            if not any(_matches(n, (suffix,)) for n in others):
-                out.add(suffix)
-                break
-    chosen = sorted(out)
-    if {n for n in all_names if _matches(n, chosen)} != selected:
-        raise ValueError(f"selected names missing from all_names: {sorted(selected - set(all_names))}")
-    return chosen
-
-
 def default_targets(model: nn.Module) -> list[str]:
     """Sensible ``target_modules`` for the three tiny models, as short peft name suffixes.
 
@@ -297,7 +186,7 @@ def saved_activation_bytes(fn: Callable[[], Any]) -> int:
     """Bytes autograd keeps for the backward while ``fn()`` runs (``saved_tensors_hooks``).
 
     Parameters are excluded and each saved buffer counts once (the same storage saved by two ops is
-    one allocation). Deterministic, unlike peak-memory readings.
+    one allocation). Deterministic, unlike peak-memory readings (docs/design.md, "Memory").
     """
     total, seen = 0, set()
 
@@ -318,9 +207,9 @@ def sharing_copy(module: nn.Module) -> nn.Module:
     """A copy of ``module`` whose parameters and buffers are the original's own tensors (the submodules are new).
 
     For benchmarks that time methods against each other: each method wraps its own copy of the model, and all
-    of them compute with one set of weights. Separate copies of one frozen layer, timed against each other,
-    differ by up to 8% (a 1280-channel 3x3x3 Conv3d on this project's CPU) from where their weights land in
-    memory alone, more than a low-rank adapter costs. Anything that trains the base weights needs its own copy.
+    of them compute with one set of weights, so no method is timed on weights placed elsewhere in memory (which
+    alone can move a large conv's time by more than a low-rank adapter costs; docs/performance.md). Anything
+    that trains the base weights needs its own copy.
     """
     shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return copy.deepcopy(module, memo=shared)

@@ -122,7 +122,7 @@ def validate_ranks(ranks: object, where: str = "ranks") -> tuple[int, int, int, 
 
 
 def resolve_ranks(ranks: Sequence[int], weight_shape: Sequence[int], layer: str = "<layer>") -> ModeRanks:
-    """Apply the rank rules of DESIGN.md to one weight shape.
+    """Apply the rank rules (docs/design.md, "Ranks") to one weight shape.
 
     - ranks are given as (r_o, r_i, r_t, r_h, r_w); entries for modes the weight lacks are ignored;
     - ``r_n >= dim_n`` is clipped to ``dim_n``;

@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 import torch
 
-from ..video import InputError, run_cli
+from ..cli import HelpFormatter, run_cli
+from ..errors import InputError
 from ..video.metrics import StepLog
 from . import efficiency
 from .clip_score import ClipScorer
@@ -37,42 +38,64 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="evaluate_videos",
         description="Score generated videos under the paper's protocol: FVD (I3D), CLIP-T, efficiency, time-to-target.",
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("videos", nargs="?", default=None, help="folder of generated videos (any depth)")
+    p.add_argument(
+        "videos", nargs="?", default=None, help="folder of generated videos, any depth (default: none, no scores)"
+    )
     g = p.add_argument_group("FVD")
-    g.add_argument("--reference-stats", default=None, help="reference statistics .npz (read; or the cache to write)")
+    g.add_argument(
+        "--reference-stats",
+        default=None,
+        help="reference statistics .npz to read, or the cache to write (default: a cache in --reference-videos)",
+    )
     g.add_argument(
         "--reference-videos",
         default=None,
-        help="folder of reference videos: statistics computed once and cached (in --reference-stats, or in the folder)",
+        help="folder of reference videos, whose statistics are computed once and cached (default: none)",
     )
-    g.add_argument("--i3d", default=None, help="I3D detector: TorchScript file or InceptionI3d state dict")
+    g.add_argument(
+        "--i3d", default=None, help="I3D detector: TorchScript file or InceptionI3d state dict (default: no FVD)"
+    )
     g = p.add_argument_group("CLIP-T")
-    g.add_argument("--clip", default=None, help="local CLIPModel folder (with tokenizer and preprocessor config)")
+    g.add_argument(
+        "--clip", default=None, help="local CLIPModel folder with tokenizer and preprocessor (default: no CLIP-T)"
+    )
     g.add_argument("--prompts", default=None, help="CSV with file,caption columns (default: VIDEOS/captions.csv)")
     g = p.add_argument_group("protocol")
-    g.add_argument(
-        "--num-frames", type=int, default=16, help="frames per video; longer videos are resampled (default 16)"
-    )
-    g.add_argument(
-        "--resolution", type=int, default=224, help="shorter side resized to this, then the centre crop (default 224)"
-    )
+    g.add_argument("--num-frames", type=int, default=16, help="frames per video; longer videos are resampled")
+    g.add_argument("--resolution", type=int, default=224, help="shorter side resized to this, then the centre crop")
     g.add_argument(
         "--frame-sampling",
         choices=SAMPLINGS,
         default="centre",
-        help="centre: middle frame of N equal segments; first: frames 0..N-1 (default centre)",
+        help="centre: middle frame of N equal segments; first: frames 0..N-1",
     )
-    g.add_argument("--batch-size", type=int, default=8, help="videos per detector / CLIP batch (default 8)")
-    g.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    g.add_argument("--batch-size", type=int, default=8, help="videos per detector / CLIP batch")
+    g.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     g = p.add_argument_group("efficiency and time-to-target")
-    g.add_argument("--train-log", default=None, help="train_log.jsonl of the training script (or its output folder)")
-    g.add_argument("--adapter", default=None, help="adapter folder (peft save_pretrained): trainable parameters")
-    g.add_argument("--fvd-log", default=None, help="JSONL of {time, fvd} per evaluated checkpoint")
-    g.add_argument("--step", type=int, default=None, help="append this run's FVD at this training step to --fvd-log")
-    g.add_argument("--target-fvd", type=float, default=None, help="time-to-target threshold (reads --fvd-log)")
-    g.add_argument("--baseline-fvd-log", default=None, help="a second run's FVD log: the time saved against it")
-    p.add_argument("--output", default=None, help="also write the JSON here")
+    g.add_argument(
+        "--train-log",
+        default=None,
+        help="train_log.jsonl of the training script, or its output folder (default: no efficiency)",
+    )
+    g.add_argument(
+        "--adapter",
+        default=None,
+        help="adapter folder (peft save_pretrained) whose trainable parameters to count (default: none)",
+    )
+    g.add_argument("--fvd-log", default=None, help="JSONL of {time, fvd} per evaluated checkpoint (default: none)")
+    g.add_argument(
+        "--step", type=int, default=None, help="append this run's FVD at this training step to --fvd-log (default: no)"
+    )
+    g.add_argument(
+        "--target-fvd", type=float, default=None, help="time-to-target threshold, read from --fvd-log (default: none)"
+    )
+    g.add_argument(
+        "--baseline-fvd-log", default=None, help="a second run's FVD log: the time saved against it (default: none)"
+    )
+    g = p.add_argument_group("output")
+    g.add_argument("--output", default=None, help="also write the JSON to this file (default: print only)")
     return p
 
 

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..video import InputError
+from ..errors import InputError
 
 __all__ = ["ClipScorer"]
 

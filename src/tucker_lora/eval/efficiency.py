@@ -21,9 +21,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
-from ..io import check_safetensors
-from ..video import InputError
-from ..video.metrics import read_log
+from ..errors import InputError
+from ..io import CONFIG_NAME, WEIGHTS_NAME, check_safetensors
+from ..layer import factor_attr
+from ..video.metrics import TRAIN_LOG, read_log
 
 __all__ = [
     "read_fvd_log",
@@ -35,9 +36,6 @@ __all__ = [
     "training_efficiency",
     "wall_clock",
 ]
-
-TRAIN_LOG = "train_log.jsonl"
-WEIGHTS = "adapter_model.safetensors"
 
 
 def _records(path: str | os.PathLike, keys: Sequence[str], what: str) -> list[dict[str, Any]]:
@@ -101,13 +99,13 @@ def step_time(path: str | os.PathLike, step: int) -> float:
 def trainable_parameters(adapter: str | os.PathLike) -> dict[str, int]:
     """``{"trainable_parameters", "stored_parameters"}`` of an adapter folder (or its ``.safetensors`` file)."""
     adapter = Path(adapter)
-    weights = adapter / WEIGHTS if adapter.is_dir() else adapter
+    weights = adapter / WEIGHTS_NAME if adapter.is_dir() else adapter
     if not weights.is_file():
         raise InputError(f"adapter checkpoint '{weights}' does not exist (expected a peft save_pretrained folder)")
     header = check_safetensors(weights)
-    config_path = weights.parent / "adapter_config.json"
+    config_path = weights.parent / CONFIG_NAME
     config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    frozen = tuple(f".tucker_lora_U_{m}" for m in config.get("freeze_modes") or ())
+    frozen = tuple(f".{factor_attr(m)}" for m in config.get("freeze_modes") or ())
     stored = trainable = 0
     for name, entry in header.items():
         if name == "__metadata__":

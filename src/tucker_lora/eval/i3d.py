@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..video import InputError
+from ..errors import InputError
 from .inception_i3d import InceptionI3d
 
 __all__ = ["STYLEGAN_V_KWARGS", "Detector", "file_sha256", "load_i3d"]

@@ -18,7 +18,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from ..video import InputError
+from ..errors import InputError
 from .clip_score import ClipScorer
 from .frechet import frechet_distance
 from .i3d import Detector

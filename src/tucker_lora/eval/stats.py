@@ -21,7 +21,7 @@ from typing import IO, Any
 
 import numpy as np
 
-from ..video import InputError
+from ..errors import InputError
 from .frechet import gaussian_fit
 
 __all__ = ["FeatureStats", "SettingsMismatchError", "check_settings", "load_stats", "settings_key", "write_atomic"]

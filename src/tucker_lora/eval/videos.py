@@ -27,8 +27,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from ..video import InputError
-from ..video.data import VIDEO_EXTENSIONS, ClipError, probe_frames, read_caption_rows
+from ..errors import ClipError, InputError
+from ..video.data import VIDEO_EXTENSIONS, probe_frames, read_caption_rows
 
 logger = logging.getLogger(__name__)
 

@@ -8,9 +8,11 @@ One module per job; diffusers, transformers, accelerate and PyAV are imported in
 - ``pipeline``: the backbones (diffusers ``UNet3DConditionModel`` with its text-to-video pipeline,
   AnimateDiff's ``UNetMotionModel``): a tiny random pipeline built from configs with a local tokenizer,
   loading a local diffusers folder, prompt encoding and sampling;
+- ``tiny_unets``: the tiny UNets of that random pipeline, built from configs;
 - ``adapters``: the adapter config per method (Tucker-LoRA, or peft LoRA at a matched parameter count);
 - ``ema``: exponential moving average of the adapter parameters;
-- ``checkpoint``: crash-safe accelerate checkpoints and the per-step JSONL log;
+- ``checkpoint``: crash-safe accelerate checkpoints;
+- ``metrics``: the per-step JSONL log and peak memory;
 - ``distributed``: FSDP2 sharding through accelerate and gathering the adapter of a sharded model;
 - ``media``: MP4 / GIF writing and the PNG grid of frames t=0 / mid / end;
 - ``motion``: motion laws of the synthetic domains and the estimator of a clip's dominant motion;
@@ -18,23 +20,6 @@ One module per job; diffusers, transformers, accelerate and PyAV are imported in
   ``examples/sample_text_to_video.py``.
 """
 
-import sys
-from collections.abc import Callable, Sequence
-from typing import Any, Optional
+from ..errors import InputError  # the package's input error, importable here as before
 
-
-class InputError(ValueError):
-    """Bad input from the user (a path, a dataset, an argument); the message names the thing."""
-
-
-def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a command line's ``main``: bad input prints ``error: ...`` (no traceback) and gives exit status 2."""
-    try:
-        main(argv)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-__all__ = ["InputError", "run_cli"]
+__all__ = ["InputError"]

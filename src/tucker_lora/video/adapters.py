@@ -17,11 +17,10 @@ from typing import Any, Optional, Union
 from torch import nn
 
 from ..config import TuckerLoraConfig
+from ..errors import InputError
 from ..layer import SUPPORTED_LAYERS
-from ..targets import default_target_names
-from ..testing import minimal_suffixes
+from ..targets import default_target_names, minimal_suffixes
 from ..tucker import resolve_ranks
-from . import InputError
 
 __all__ = [
     "DEFAULT_RANKS",

@@ -16,8 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
 
+from ..errors import InputError
 from ..io import replace_directory
-from . import InputError
 
 __all__ = ["CHECKPOINT_PREFIX", "Checkpoints"]
 

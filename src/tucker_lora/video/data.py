@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from . import InputError
+from ..errors import ClipError, InputError
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +50,6 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".gif")
 CAPTIONS_CSV = "captions.csv"
 _FILE_COLUMNS = ("file", "video", "path", "filename", "file_name", "video_path", "video_id")
 _CAPTION_COLUMNS = ("caption", "text", "prompt", "title")
-
-
-class ClipError(RuntimeError):
-    """A video file that cannot be used: unreadable, no video stream, or too short."""
 
 
 # ---------------------------------------------------------------------------------------------- decoding

@@ -5,7 +5,7 @@ The training script runs the frozen UNet sharded with FSDP2 when launched with a
 builds the plugin from the config, wraps the UNet's blocks (``TRANSFORMER_BASED_WRAP``) and swaps the
 optimizer's parameters for the sharded ones. This module adds what the adapter needs on top:
 
-- ``enable_fsdp``: on a machine without CUDA/XPU, accelerate (1.15) drops the FSDP plugin and runs plain
+- ``enable_fsdp``: on a machine without CUDA/XPU, accelerate drops the FSDP plugin and runs plain
   multi-CPU DDP; this switches its state to the FSDP2 path over the gloo process group (the same
   ``_prepare_fsdp2`` / ``fully_shard`` code that runs on GPUs), which is how the CPU tests shard.
 - ``configure_wrap_policy``: the block classes to wrap (the UNet's down/mid/up blocks when the config names
@@ -20,6 +20,12 @@ optimizer's parameters for the sharded ones. This module adds what the adapter n
   form (full tensors, integer keys); scheduler, sampler, RNG and EMA states stay accelerate's.
 - ``full_tensor`` / ``local_tensor`` / ``shard_like``: the EMA keeps shards of the same layout as the
   parameters, and full tensors in its ``state_dict``.
+
+``enable_fsdp`` (on the CPU) and ``ShardedCheckpointing`` write accelerate's internal state
+(``AcceleratorState.fsdp_plugin`` / ``distributed_type``, ``PartialState._shared_state``,
+``Accelerator._models`` / ``_optimizers``), so both refuse an accelerate release outside
+``ACCELERATE_TESTED`` with a message naming the installed version and the tested range
+(``check_accelerate``).
 """
 
 from __future__ import annotations
@@ -35,14 +41,17 @@ from typing import Any
 
 import torch
 
-from . import InputError
+from ..errors import InputError
+from ..io import WEIGHTS_NAME
 
 logger = logging.getLogger("tucker_lora.video.distributed")
 
 __all__ = [
+    "ACCELERATE_TESTED",
     "ShardedCheckpointing",
     "block_class_names",
     "broadcast_adapter_init",
+    "check_accelerate",
     "configure_wrap_policy",
     "cpu_process_group",
     "enable_fsdp",
@@ -59,7 +68,11 @@ __all__ = [
 ]
 
 OPTIMIZER_FILE = "optimizer.bin"
-ADAPTER_FILE = "adapter_model.safetensors"
+#: First and last accelerate release (major, minor) whose internals ``enable_fsdp`` and ``ShardedCheckpointing``
+#: write as they are written here: the FSDP block of ``AcceleratorState.__init__`` they mirror is the same from
+#: 1.6 to 1.16, 1.6 refuses FSDP2 with a full state dict (the shipped config), and tests/test_fsdp.py passes on
+#: 1.7.0, 1.8.0, 1.12.0 and 1.16.0.
+ACCELERATE_TESTED = ((1, 7), (1, 16))
 
 
 # ---------------------------------------------------------------------------------------------- tensors
@@ -97,6 +110,29 @@ def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------- launch
+def check_accelerate(what: str, version: str | None = None) -> None:
+    """Refuse an accelerate release outside ``ACCELERATE_TESTED`` (``what`` writes its internal state) with an
+    ``InputError`` naming the installed version and the tested range. ``version``: ``accelerate.__version__``
+    unless given."""
+    from packaging.version import InvalidVersion, Version
+
+    if version is None:
+        import accelerate
+
+        version = accelerate.__version__
+    try:
+        release = Version(version).release[:2]
+    except InvalidVersion:
+        release = None
+    (low_major, low_minor), (high_major, high_minor) = low, high = ACCELERATE_TESTED
+    if release is None or not low <= release <= high:
+        raise InputError(
+            f"{what} writes accelerate's internal state and was tested on accelerate {low_major}.{low_minor} to "
+            f"{high_major}.{high_minor}; accelerate {version} is installed. Install a tested release: "
+            f"pip install 'accelerate>={low_major}.{low_minor},<{high_major}.{high_minor + 1}'"
+        )
+
+
 def fsdp_requested() -> bool:
     """True when accelerate was asked for FSDP (``accelerate launch`` with an FSDP config sets this)."""
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
@@ -129,6 +165,7 @@ def enable_fsdp(accelerator: Any) -> bool:
         return False
     state = accelerator.state
     if state.distributed_type == DistributedType.MULTI_CPU:
+        check_accelerate("FSDP2 on the CPU (tucker_lora.video.distributed.enable_fsdp)")
         plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
         if plugin.fsdp_version == 2 and accelerator.mixed_precision != "no":
             plugin.set_mixed_precision(accelerator.mixed_precision)
@@ -351,6 +388,7 @@ class ShardedCheckpointing:
     """
 
     def __init__(self, accelerator: Any, model: torch.nn.Module, optimizer: Any) -> None:
+        check_accelerate("Adapter-only sharded checkpoints (tucker_lora.video.distributed.ShardedCheckpointing)")
         self.accelerator, self.model, self.optimizer = accelerator, model, optimizer
 
     @contextlib.contextmanager
@@ -383,7 +421,7 @@ class ShardedCheckpointing:
         from peft.utils import load_peft_weights
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
 
-        for name in (ADAPTER_FILE, OPTIMIZER_FILE):
+        for name in (WEIGHTS_NAME, OPTIMIZER_FILE):
             if not (Path(input_dir) / name).is_file():
                 raise InputError(f"checkpoint '{input_dir}' has no {name}")
         with self._hidden():

@@ -16,7 +16,10 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["frame_grid", "grid_frames", "to_uint8", "write_video"]
+__all__ = ["VIDEO_FORMATS", "frame_grid", "grid_frames", "to_uint8", "write_video"]
+
+#: The file formats ``write_video`` writes (by suffix).
+VIDEO_FORMATS = ("mp4", "gif")
 
 
 def to_uint8(video: Any) -> np.ndarray:

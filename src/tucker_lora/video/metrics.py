@@ -23,7 +23,10 @@ import torch
 
 from ..io import staged_directory
 
-__all__ = ["StepLog", "peak_memory_added", "peak_memory_mb", "read_log"]
+__all__ = ["TRAIN_LOG", "StepLog", "peak_memory_added", "peak_memory_mb", "read_log"]
+
+#: The step log's file name in a training run's output folder.
+TRAIN_LOG = "train_log.jsonl"
 
 
 def peak_memory_mb(device: torch.device) -> float:

@@ -26,18 +26,18 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from ..errors import InputError
 from ..io import staged_directory
-from ..testing import tiny_unet3d, tiny_unet_motion
-from . import InputError
 from .data import COLOURS, DIRECTIONS, SHAPES
+from .tiny_unets import tiny_unet3d, tiny_unet_motion
 
 __all__ = [
     "BACKBONES",
     "VideoComponents",
     "check_pipeline_folder",
-    "enable_gradient_checkpointing",
     "encode_prompts",
     "generate",
+    "gradient_checkpointing",
     "load_components",
     "tiny_components",
     "tiny_tokenizer",
@@ -147,7 +147,7 @@ def text_config_for(tokenizer: Any) -> dict[str, int]:
 
 def tiny_components(backbone: str = "unet3d", seed: int = 0) -> VideoComponents:
     """A tiny random pipeline from configs: 64x64 frames, an 8x downsampling VAE to 8x8x4 latents, a
-    2-layer CLIP text encoder of width 32, a DDIM scheduler and ``testing.tiny_unet3d`` / ``tiny_unet_motion``.
+    2-layer CLIP text encoder of width 32, a DDIM scheduler and ``tiny_unets.tiny_unet3d`` / ``tiny_unet_motion``.
 
     Deterministic given ``seed``; the caller's RNG state is left alone.
     """
@@ -270,20 +270,30 @@ def load_components(
 
 
 # ---------------------------------------------------------------------------------------------- use
-def enable_gradient_checkpointing(unet: Any) -> str:
-    """Recompute the UNet's blocks in the backward instead of keeping their activations.
+@contextlib.contextmanager
+def gradient_checkpointing(unet: Any) -> Iterator[str]:
+    """Inside: the UNet recomputes its blocks in the backward instead of keeping their activations; the UNet is
+    as it was after the block.
 
-    diffusers' own switch where the model supports it (``UNetMotionModel``); otherwise
-    (``UNet3DConditionModel`` in diffusers 0.42 refuses it) each down, mid and up block's forward runs under
-    ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved, so dropout replays the same mask).
-    Returns which of the two was used.
+    diffusers' own switch where the model supports it (``UNetMotionModel``; switched off again after unless it
+    was on before); otherwise (``UNet3DConditionModel`` in diffusers 0.42 refuses it) each down, mid and up
+    block's forward runs under ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved, so dropout
+    replays the same mask), and each block's own ``forward`` is put back after. Yields which of the two is used,
+    ``"diffusers"`` or ``"blocks"``.
     """
     if getattr(unet, "_supports_gradient_checkpointing", False):
+        was_on = unet.is_gradient_checkpointing
         unet.enable_gradient_checkpointing()
-        return "diffusers"
+        try:
+            yield "diffusers"
+        finally:
+            if not was_on:
+                unet.disable_gradient_checkpointing()
+        return
     from torch.utils.checkpoint import checkpoint
 
     blocks = [*unet.down_blocks, *([unet.mid_block] if unet.mid_block is not None else []), *unet.up_blocks]
+    saved = [(block, block.__dict__.get("forward")) for block in blocks]  # an instance forward, if one was set
     for block in blocks:
 
         def forward(*args: Any, _forward: Any = block.forward, **kwargs: Any) -> Any:
@@ -292,7 +302,14 @@ def enable_gradient_checkpointing(unet: Any) -> str:
             return _forward(*args, **kwargs)
 
         block.forward = forward
-    return "blocks"
+    try:
+        yield "blocks"
+    finally:
+        for block, own in saved:
+            if own is None:
+                del block.forward  # the class's forward again
+            else:
+                block.forward = own
 
 
 def encode_prompts(tokenizer: Any, text_encoder: Any, prompts: Sequence[str]) -> torch.Tensor:
@@ -313,11 +330,13 @@ def generate(
     guidance_scale: float,
     height: int,
     width: int,
+    negative_prompt: Optional[str] = None,
 ) -> list[tuple[str, int, np.ndarray]]:
     """Sample one video per (prompt, seed): ``[(prompt, seed, (T, H, W, 3) uint8)]``.
 
     Each video starts from the noise of a CPU ``torch.Generator`` seeded with its seed, so the same
     prompt and seed give the same video on any device and whatever else is sampled around it.
+    ``negative_prompt`` replaces the empty prompt of classifier-free guidance.
     """
     from .media import to_uint8
 
@@ -326,6 +345,7 @@ def generate(
         for seed in seeds:
             frames = pipe(
                 prompt=prompt,
+                negative_prompt=negative_prompt,
                 num_frames=num_frames,
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,

@@ -21,7 +21,10 @@ from typing import Any, Optional
 
 import torch
 
-from . import InputError, run_cli
+from ..cli import HelpFormatter, run_cli
+from ..errors import InputError
+from ..io import CONFIG_NAME
+from .media import VIDEO_FORMATS
 
 logger = logging.getLogger("tucker_lora.video.sample")
 
@@ -32,36 +35,47 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, grouped: model, adapter, sampling, output."""
     p = argparse.ArgumentParser(
         description="Sample text-to-video with a Tucker-LoRA (or LoRA) adapter.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
-    p.add_argument("--adapter", default=None, help="adapter folder (peft save_pretrained); none: the base model")
-    p.add_argument(
+    g = p.add_argument_group("model")
+    g.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
         help="local diffusers pipeline folder (default: the adapter's base_model_name_or_path)",
     )
-    p.add_argument("--motion_adapter_name_or_path", default=None, help="MotionAdapter folder for a 2D UNet pipeline")
-    p.add_argument("--merge", action="store_true", help="merge the adapter into the weights (merge_and_unload)")
-    p.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS))
-    p.add_argument("--negative_prompt", default=None)
-    p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--num_frames", type=int, default=16)
-    p.add_argument("--num_inference_steps", type=int, default=25)
-    p.add_argument("--guidance_scale", type=float, default=7.5)
-    p.add_argument("--height", type=int, default=None, help="default: the UNet's native size")
-    p.add_argument("--width", type=int, default=None, help="default: the UNet's native size")
-    p.add_argument("--output_dir", default="samples")
-    p.add_argument("--video_format", choices=("mp4", "gif"), default="mp4")
-    p.add_argument("--fps", type=int, default=8)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    g.add_argument(
+        "--motion_adapter_name_or_path",
+        default=None,
+        help="MotionAdapter folder for a pipeline with a 2D UNet (default: its motion_adapter subfolder)",
+    )
+    g.add_argument("--device", default=None, help="torch device to sample on (default: cuda if available, else cpu)")
+    g.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="dtype the pipeline is loaded in")
+    g = p.add_argument_group("adapter")
+    g.add_argument(
+        "--adapter", default=None, help="adapter folder (peft save_pretrained) (default: none, the base model samples)"
+    )
+    g.add_argument("--merge", action="store_true", help="merge the adapter into the weights (merge_and_unload)")
+    g = p.add_argument_group("sampling")
+    g.add_argument("--prompts", nargs="+", default=list(DEFAULT_PROMPTS), help="text prompts, one video per seed each")
+    g.add_argument("--negative_prompt", default=None, help="negative prompt for guidance (default: none)")
+    g.add_argument("--seeds", nargs="+", type=int, default=[0], help="noise seeds, one video per prompt and seed")
+    g.add_argument("--num_frames", type=int, default=16, help="frames per video")
+    g.add_argument("--num_inference_steps", type=int, default=25, help="denoising steps")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance weight")
+    g.add_argument("--height", type=int, default=None, help="frame height (default: the UNet's native size)")
+    g.add_argument("--width", type=int, default=None, help="frame width (default: the UNet's native size)")
+    g = p.add_argument_group("output")
+    g.add_argument("--output_dir", default="samples", help="folder for the videos and grid.png")
+    g.add_argument("--video_format", choices=VIDEO_FORMATS, default="mp4", help="file format of the videos")
+    g.add_argument("--fps", type=int, default=8, help="frames per second of the video files")
     return p
 
 
 def _base_of(adapter: Path) -> Optional[str]:
-    config = json.loads((adapter / "adapter_config.json").read_text())
+    config = json.loads((adapter / CONFIG_NAME).read_text())
     return config.get("base_model_name_or_path")
 
 
@@ -85,10 +99,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
 
     args = build_parser().parse_args(argv)
     adapter = Path(args.adapter) if args.adapter else None
-    if adapter is not None and not (adapter / "adapter_config.json").is_file():
-        raise InputError(
-            f"adapter folder '{adapter}' has no adapter_config.json (expected a peft save_pretrained folder)"
-        )
+    if adapter is not None and not (adapter / CONFIG_NAME).is_file():
+        raise InputError(f"adapter folder '{adapter}' has no {CONFIG_NAME} (expected a peft save_pretrained folder)")
     base = args.pretrained_model_name_or_path or (_base_of(adapter) if adapter is not None else None)
     if base is None:
         raise InputError("no base model: pass --pretrained_model_name_or_path (the adapter names none)")
@@ -105,7 +117,15 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     height = args.height or components.resolution
     width = args.width or components.resolution
     videos = generate(
-        pipe, args.prompts, args.seeds, args.num_frames, args.num_inference_steps, args.guidance_scale, height, width
+        pipe,
+        args.prompts,
+        args.seeds,
+        args.num_frames,
+        args.num_inference_steps,
+        args.guidance_scale,
+        height,
+        width,
+        negative_prompt=args.negative_prompt,
     )
     out = Path(args.output_dir)
     paths, labels = [], []

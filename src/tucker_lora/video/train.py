@@ -45,7 +45,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import InputError, run_cli
+from ..cli import HelpFormatter, run_cli
+from ..config import INIT_CHOICES
+from ..errors import InputError
 from .adapters import DEFAULT_RANKS, METHODS, parse_target_modules
 from .checkpoint import Checkpoints
 from .data import example_captions, load_dataset
@@ -58,36 +60,49 @@ from .distributed import (
     save_adapter_folder,
     unsharded_root,
 )
+from .media import VIDEO_FORMATS
+from .metrics import TRAIN_LOG, StepLog, peak_memory_mb, read_log
 from .pipeline import (
     BACKBONES,
     VideoComponents,
     check_pipeline_folder,
-    enable_gradient_checkpointing,
     encode_prompts,
+    gradient_checkpointing,
 )
 
 logger = logging.getLogger("tucker_lora.video.train")
 
 __all__ = ["TrainResult", "build_parser", "diffusion_loss", "main", "parse_args", "step_generator", "step_seeds"]
 
-INIT_CHOICES = {"true": True, "false": False, "hosvd": "hosvd", "hooi": "hooi"}
+#: ``--init_weights`` values: ``TuckerLoraConfig``'s ``init_weights`` choices, spelled in lower case.
+INIT_WEIGHTS = {str(choice).lower(): choice for choice in INIT_CHOICES}
 
 
 # ---------------------------------------------------------------------------------------------- arguments
 def build_parser() -> argparse.ArgumentParser:
+    """The command line, grouped: model, adapter, data, optimisation, checkpoints, validation, logging."""
     p = argparse.ArgumentParser(
         description="Fine-tune a text-to-video diffusion model with Tucker-LoRA (or matched peft LoRA).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("model")
     g.add_argument(
         "--pretrained_model_name_or_path",
         default=None,
         help="local diffusers pipeline folder (text-to-video SD / zeroscope, or AnimateDiff); "
-        "default: a tiny random pipeline built from configs",
+        "default: a tiny random pipeline built from configs, saved to OUTPUT_DIR/base_model",
     )
-    g.add_argument("--backbone", choices=BACKBONES, default=None, help="tiny default's backbone (default unet3d)")
-    g.add_argument("--motion_adapter_name_or_path", default=None, help="MotionAdapter folder for a 2D UNet pipeline")
+    g.add_argument(
+        "--backbone",
+        choices=BACKBONES,
+        default=None,
+        help="backbone of the tiny pipeline built when no model is given (default: unet3d); else a check of the UNet",
+    )
+    g.add_argument(
+        "--motion_adapter_name_or_path",
+        default=None,
+        help="MotionAdapter folder for a pipeline with a 2D UNet (default: its motion_adapter subfolder)",
+    )
     g = p.add_argument_group("adapter")
     g.add_argument("--method", choices=METHODS, default="tucker", help="tucker, or the peft LoRA baseline")
     g.add_argument(
@@ -95,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="R",
-        help="Tucker ranks r_o r_i r_t r_h r_w (default 4 4 1 1 1 on UNet3D, 4 4 0 1 1 on AnimateDiff)",
+        help="Tucker ranks r_o r_i r_t r_h r_w (default: 4 4 1 1 1 on UNet3D, 4 4 0 1 1 on AnimateDiff)",
     )
     g.add_argument("--alpha", type=float, default=1.0, help="scale of the update, W + alpha * dW")
     g.add_argument(
@@ -104,62 +119,93 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="layer names / suffixes, or one regex (default: the backbone's tucker_lora.DEFAULT_TARGET_MODULES)",
     )
-    g.add_argument("--init_weights", choices=sorted(INIT_CHOICES), default="true", help="Tucker-LoRA init")
+    g.add_argument(
+        "--init_weights",
+        choices=sorted(INIT_WEIGHTS),
+        default="true",
+        help="Tucker-LoRA init: true (zero core), false (random core), hosvd / hooi (factors from the base weights)",
+    )
     g.add_argument("--core_init_scale", type=float, default=0.0, help="std of the initial core (0: zero core)")
-    g.add_argument("--lora_rank", type=int, default=None, help="LoRA baseline rank (default: matched to Tucker's size)")
+    g.add_argument(
+        "--lora_rank", type=int, default=None, help="LoRA baseline rank (default: matched to Tucker-LoRA's size)"
+    )
     g = p.add_argument_group("data")
-    g.add_argument("--data_dir", default=None, help="MSR-VTT folder or a folder with captions.csv (default: synthetic)")
-    g.add_argument("--data_layout", choices=("auto", "folder", "msrvtt", "synthetic"), default="auto")
+    g.add_argument(
+        "--data_dir", default=None, help="MSR-VTT folder or a folder with captions.csv (default: synthetic shapes)"
+    )
+    g.add_argument(
+        "--data_layout",
+        choices=("auto", "folder", "msrvtt", "synthetic"),
+        default="auto",
+        help="how --data_dir is laid out; auto: a captions.csv means a folder, JSON annotations mean MSR-VTT",
+    )
     g.add_argument("--annotations", default=None, help="MSR-VTT annotation JSON (default: found in --data_dir)")
     g.add_argument("--captions_csv", default=None, help="captions CSV of a video folder (default: captions.csv)")
-    g.add_argument("--split", default=None, help="MSR-VTT split to keep (train, validate, test)")
+    g.add_argument("--split", default=None, help="MSR-VTT split to keep: train, validate or test (default: all)")
     g.add_argument("--num_frames", type=int, default=8, help="frames per training clip")
     g.add_argument("--frame_stride", type=int, default=1, help="take every n-th frame")
     g.add_argument("--resolution", type=int, default=None, help="square frame size (default: the UNet's)")
-    g.add_argument("--num_synthetic_videos", type=int, default=64)
+    g.add_argument("--num_synthetic_videos", type=int, default=64, help="clips of the synthetic dataset")
     g.add_argument("--caption_dropout", type=float, default=0.0, help="probability of an empty caption")
-    g.add_argument("--dataloader_num_workers", type=int, default=0)
+    g.add_argument("--dataloader_num_workers", type=int, default=0, help="data loader worker processes")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--output_dir", default="tucker-lora-t2v")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=0, help="seed of every random draw of the run")
     g.add_argument("--train_batch_size", type=int, default=1, help="videos per process and micro-batch")
-    g.add_argument("--num_train_epochs", type=int, default=1)
-    g.add_argument("--max_train_steps", type=int, default=None, help="optimiser steps (overrides the epochs)")
-    g.add_argument("--gradient_accumulation_steps", type=int, default=1)
-    g.add_argument("--gradient_checkpointing", action="store_true")
-    g.add_argument("--learning_rate", type=float, default=1e-4)
+    g.add_argument("--num_train_epochs", type=int, default=1, help="epochs to train (unless --max_train_steps)")
+    g.add_argument(
+        "--max_train_steps", type=int, default=None, help="optimiser steps (default: --num_train_epochs epochs)"
+    )
+    g.add_argument("--gradient_accumulation_steps", type=int, default=1, help="micro-batches per optimiser step")
+    g.add_argument("--gradient_checkpointing", action="store_true", help="recompute the UNet's blocks in the backward")
+    g.add_argument("--learning_rate", type=float, default=1e-4, help="AdamW learning rate after the warm-up")
     g.add_argument("--lr_scheduler", default="cosine", help="a diffusers.optimization.get_scheduler name")
-    g.add_argument("--lr_warmup_steps", type=int, default=None, help="default: 5%% of the steps")
-    g.add_argument("--adam_beta1", type=float, default=0.9)
-    g.add_argument("--adam_beta2", type=float, default=0.999)
-    g.add_argument("--adam_weight_decay", type=float, default=1e-2)
-    g.add_argument("--adam_epsilon", type=float, default=1e-8)
-    g.add_argument("--max_grad_norm", type=float, default=1.0)
+    g.add_argument("--lr_warmup_steps", type=int, default=None, help="warm-up steps (default: 5%% of the steps)")
+    g.add_argument("--adam_beta1", type=float, default=0.9, help="AdamW beta_1")
+    g.add_argument("--adam_beta2", type=float, default=0.999, help="AdamW beta_2")
+    g.add_argument("--adam_weight_decay", type=float, default=1e-2, help="AdamW weight decay")
+    g.add_argument("--adam_epsilon", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="gradient clipping norm (0: no clipping)")
     g.add_argument("--ema_decay", type=float, default=0.999, help="EMA tau of the adapter parameters")
-    g.add_argument("--no_ema", action="store_true", help="keep no EMA")
-    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default=None, help="default: accelerate's")
-    g.add_argument("--allow_tf32", action="store_true")
-    g = p.add_argument_group("checkpoints and logs")
-    g.add_argument("--checkpointing_steps", type=int, default=500)
-    g.add_argument("--checkpoints_total_limit", type=int, default=None)
-    g.add_argument("--resume_from_checkpoint", default=None, help="'latest', or a checkpoint-<step> folder")
+    g.add_argument("--no_ema", action="store_true", help="keep no EMA of the adapter")
+    g.add_argument(
+        "--mixed_precision",
+        choices=("no", "fp16", "bf16"),
+        default=None,
+        help="autocast dtype (default: accelerate's configuration)",
+    )
+    g.add_argument("--allow_tf32", action="store_true", help="TF32 matmuls on Ampere and newer GPUs")
+    g = p.add_argument_group("checkpoints")
+    g.add_argument("--output_dir", default="tucker-lora-t2v", help="where adapters, checkpoints and logs go")
+    g.add_argument("--checkpointing_steps", type=int, default=500, help="save a checkpoint every n steps")
+    g.add_argument(
+        "--checkpoints_total_limit", type=int, default=None, help="checkpoints to keep, newest first (default: all)"
+    )
+    g.add_argument(
+        "--resume_from_checkpoint",
+        default=None,
+        help="'latest', or a checkpoint-<step> folder (default: start a new run)",
+    )
     g.add_argument(
         "--stop_after_steps",
         type=int,
         default=None,
-        help="checkpoint and stop at this step, keeping the LR schedule of --max_train_steps (preemptible jobs)",
+        help="checkpoint and stop at this step, keeping the LR schedule of --max_train_steps, for preemptible jobs "
+        "(default: run to the end)",
     )
-    g.add_argument("--report_to", default=None, help="an accelerate tracker (tensorboard, wandb, ...)")
-    g.add_argument("--logging_dir", default="logs")
     g = p.add_argument_group("validation")
     g.add_argument("--validation_steps", type=int, default=100, help="sample every n steps and at the end (0: never)")
-    g.add_argument("--validation_prompts", nargs="+", default=None, help="default: two captions of the data")
-    g.add_argument("--validation_seeds", nargs="+", type=int, default=[0])
-    g.add_argument("--num_validation_frames", type=int, default=None, help="default: --num_frames")
-    g.add_argument("--num_inference_steps", type=int, default=25)
-    g.add_argument("--guidance_scale", type=float, default=7.5)
-    g.add_argument("--video_format", choices=("mp4", "gif"), default="mp4")
-    g.add_argument("--fps", type=int, default=8)
+    g.add_argument(
+        "--validation_prompts", nargs="+", default=None, help="prompts to sample (default: two captions of the data)"
+    )
+    g.add_argument("--validation_seeds", nargs="+", type=int, default=[0], help="one video per prompt and seed")
+    g.add_argument("--num_validation_frames", type=int, default=None, help="frames per sample (default: --num_frames)")
+    g.add_argument("--num_inference_steps", type=int, default=25, help="denoising steps per sample")
+    g.add_argument("--guidance_scale", type=float, default=7.5, help="classifier-free guidance weight")
+    g.add_argument("--video_format", choices=VIDEO_FORMATS, default="mp4", help="file format of the samples")
+    g.add_argument("--fps", type=int, default=8, help="frames per second of the sample files")
+    g = p.add_argument_group("logging")
+    g.add_argument("--report_to", default=None, help="an accelerate tracker: tensorboard, wandb, ... (default: none)")
+    g.add_argument("--logging_dir", default="logs", help="the trackers' folder, inside --output_dir")
     return p
 
 
@@ -395,21 +441,54 @@ def _register_adapter_checkpointing(accelerator: Any) -> None:
     accelerator.register_load_state_pre_hook(load_hook)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
-    """Run a training job from command-line arguments; see the module docstring."""
+# ---------------------------------------------------------------------------------------------- run stages
+@dataclass
+class _Run:
+    """The accelerate side of a run: the accelerator, the output folder and its checkpoints."""
+
+    args: argparse.Namespace
+    accelerator: Any
+    output_dir: Path
+    sharded: bool
+    checkpoints: Checkpoints
+
+
+@dataclass
+class _Adapted:
+    """The frozen pipeline components and the peft model with the adapter on the UNet."""
+
+    components: VideoComponents
+    base_dir: str
+    weight_dtype: torch.dtype
+    ranks: tuple[int, ...]
+    plan: Any
+    model: Any
+    n_trainable: int
+
+
+@dataclass
+class _Optimisation:
+    """What ``accelerator.prepare`` returned and the schedule of the run."""
+
+    model: Any
+    loader: Any
+    optimizer: Any
+    lr_scheduler: Any
+    noise_scheduler: Any
+    ema: Any
+    state_io: Any
+    trainable: list[torch.nn.Parameter]
+    steps_per_epoch: int
+    max_steps: int
+    num_epochs: int
+    warmup: int
+
+
+def _setup(args: argparse.Namespace) -> _Run:
+    """The accelerator (FSDP2 when configured), logging, the seed and a clean output folder."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
-    from diffusers import DDPMScheduler
-    from diffusers.optimization import get_scheduler
-    from peft import get_peft_model
-    from tqdm.auto import tqdm
 
-    from .adapters import accept_input_keyword, plan_adapter
-    from .ema import AdapterEMA
-    from .metrics import StepLog, peak_memory_mb, read_log
-
-    args = parse_args(argv)
-    resume = check_inputs(args)
     output_dir = Path(args.output_dir)
     accelerator = Accelerator(
         cpu=cpu_process_group(),
@@ -433,12 +512,21 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         output_dir.mkdir(parents=True, exist_ok=True)
         checkpoints.clean()
     accelerator.wait_for_everyone()
+    return _Run(args, accelerator, output_dir, sharded, checkpoints)
 
-    # ---- model: frozen pipeline components, adapter on the UNet
+
+def _build_model(run: _Run, run_context: contextlib.ExitStack) -> _Adapted:
+    """Frozen pipeline components on the device (the tiny default saved as the base model), the adapter on the
+    UNet. Gradient checkpointing, when asked for, lasts as long as ``run_context``."""
+    from peft import get_peft_model
+
+    from .adapters import accept_input_keyword, plan_adapter
+
+    args, accelerator = run.args, run.accelerator
     components = _build_components(args)
     base_dir = args.pretrained_model_name_or_path
     if base_dir is None:
-        base_dir = str(output_dir / "base_model")
+        base_dir = str(run.output_dir / "base_model")
         if accelerator.is_main_process:
             components.save(base_dir)
             logger.info(
@@ -448,11 +536,11 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     for module in (components.vae, components.text_encoder, components.unet):
         module.requires_grad_(False)
         # a sharded UNet stays on the CPU: fully_shard moves only this process's shard to the device
-        device = "cpu" if sharded and module is components.unet else accelerator.device
+        device = "cpu" if run.sharded and module is components.unet else accelerator.device
         # (diffusers warns about any dtype cast, even to float32: cast only when mixed precision asks)
         module.to(device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     if args.gradient_checkpointing:
-        enable_gradient_checkpointing(components.unet)
+        run_context.enter_context(gradient_checkpointing(components.unet))
     ranks = args.ranks or DEFAULT_RANKS[components.backbone]
     plan = plan_adapter(
         args.method,
@@ -460,7 +548,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         ranks,
         alpha=args.alpha,
         target_modules=args.target_modules,
-        init_weights=INIT_CHOICES[args.init_weights],
+        init_weights=INIT_WEIGHTS[args.init_weights],
         core_init_scale=args.core_init_scale,
         lora_rank=args.lora_rank,
     )
@@ -468,8 +556,7 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
     if args.method == "lora":
         accept_input_keyword(model)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    n_trainable = sum(p.numel() for p in trainable)
+    n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     logger.info(
         "%s on %d layers of a %s: %d trainable parameters (Tucker-LoRA at ranks %s: %d)%s",
         "Tucker-LoRA" if plan.method == "tucker" else f"peft LoRA r={plan.lora_rank}",
@@ -480,8 +567,12 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         plan.tucker_num_params,
         "" if plan.method == "tucker" else " (matched LoRA baseline)",
     )
+    return _Adapted(components, str(base_dir), weight_dtype, tuple(ranks), plan, model, n_trainable)
 
-    # ---- data
+
+def _build_data(run: _Run, components: VideoComponents) -> tuple[Any, torch.utils.data.DataLoader]:
+    """The dataset (a grid of its first clips written as ``data_examples.png``) and its shuffled loader."""
+    args = run.args
     dataset = load_dataset(
         args.data_dir,
         layout=args.data_layout,
@@ -494,8 +585,8 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         seed=args.seed,
         num_synthetic_videos=args.num_synthetic_videos,
     )
-    if accelerator.is_main_process:
-        _write_data_examples(dataset, output_dir / "data_examples.png")
+    if run.accelerator.is_main_process:
+        _write_data_examples(dataset, run.output_dir / "data_examples.png")
     loader = torch.utils.data.DataLoader(
         dataset,
         batch_size=args.train_batch_size,
@@ -503,17 +594,28 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
         generator=torch.Generator().manual_seed(args.seed),
         num_workers=args.dataloader_num_workers,
     )
+    return dataset, loader
 
-    # ---- optimisation
+
+def _build_optimisation(run: _Run, adapted: _Adapted, loader: Any) -> _Optimisation:
+    """AdamW on the adapter, ``accelerator.prepare`` (sharding the UNet under FSDP2), the LR schedule, the EMA and
+    what a checkpoint holds."""
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_scheduler
+
+    from .ema import AdapterEMA
+
+    args, accelerator = run.args, run.accelerator
+    model = adapted.model
     optimizer = torch.optim.AdamW(
-        trainable,
+        [p for p in model.parameters() if p.requires_grad],
         lr=args.learning_rate,
         betas=(args.adam_beta1, args.adam_beta2),
         weight_decay=args.adam_weight_decay,
         eps=args.adam_epsilon,
     )
-    if sharded:
-        configure_wrap_policy(accelerator, components.unet)
+    if run.sharded:
+        configure_wrap_policy(accelerator, adapted.components.unet)
         broadcast_adapter_init(model, accelerator.device)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     # under FSDP2 accelerate swapped the optimizer's parameters for the sharded ones: clip and average those
@@ -533,150 +635,259 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     if ema is not None:
         accelerator.register_for_checkpointing(ema)
     _register_adapter_checkpointing(accelerator)
-    state_io = ShardedCheckpointing(accelerator, model, optimizer) if sharded else accelerator
-    noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+    state_io = ShardedCheckpointing(accelerator, model, optimizer) if run.sharded else accelerator
+    noise_scheduler = DDPMScheduler.from_config(adapted.components.scheduler.config)
+    return _Optimisation(
+        model,
+        loader,
+        optimizer,
+        lr_scheduler,
+        noise_scheduler,
+        ema,
+        state_io,
+        trainable,
+        steps_per_epoch,
+        max_steps,
+        num_epochs,
+        warmup,
+    )
 
-    global_step = 0
+
+def _resume(run: _Run, state_io: Any, resume: Optional[Path]) -> int:
+    """Load the checkpoint to resume from (every state accelerate and the adapter keep); the step it was saved at."""
     if resume is not None:
         state_io.load_state(str(resume))
         global_step = Checkpoints.step_of(resume)
         logger.info("resumed from %s (step %d)", resume, global_step)
-    elif args.resume_from_checkpoint:
-        logger.info("no checkpoint in %s yet: starting a new run", output_dir)
-    step_log = StepLog(output_dir / "train_log.jsonl")
+        return global_step
+    if run.args.resume_from_checkpoint:
+        logger.info("no checkpoint in %s yet: starting a new run", run.output_dir)
+    return 0
+
+
+def _start_logs(run: _Run, global_step: int) -> Any:
+    """The step log (cut back to ``global_step``), ``training_args.json`` and the trackers; returns the step log."""
+    args, accelerator = run.args, run.accelerator
+    step_log = StepLog(run.output_dir / TRAIN_LOG)
     if accelerator.is_main_process:
         step_log.truncate_after(global_step)  # a fresh run starts a new log; a resumed one drops the redone steps
-        (output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=1, default=str))
+        (run.output_dir / "training_args.json").write_text(json.dumps(vars(args), indent=1, default=str))
     if accelerator.is_main_process and args.report_to:
         accelerator.init_trackers("tucker-lora-text-to-video", config={k: str(v) for k, v in vars(args).items()})
+    return step_log
 
-    prompts = args.validation_prompts or example_captions(dataset, 2)
-    validate = _Validator(args, components, prompts, args.resolution or components.resolution)
-    result = TrainResult(model=None, global_step=global_step, output_dir=output_dir, components=components)
-    stop_at = min(max_steps, args.stop_after_steps or max_steps)
-    logger.info(
-        "%d videos, %d processes x batch %d x accumulation %d; %d steps (%d per epoch), warm-up %d; stop at %d",
-        len(dataset),
-        accelerator.num_processes,
-        args.train_batch_size,
-        args.gradient_accumulation_steps,
-        max_steps,
-        steps_per_epoch,
-        warmup,
-        stop_at,
-    )
 
-    # ---- loop
-    progress = tqdm(total=max_steps, initial=global_step, desc="train", disable=not accelerator.is_local_main_process)
-    t_run = t_step = time.perf_counter()
-    model.train()
-    micro, micro_losses, micro_videos = 0, [], 0
-    first_epoch = global_step // steps_per_epoch
-    for epoch in range(first_epoch, num_epochs):
-        if global_step >= stop_at:
-            break
-        dataset.set_epoch(epoch)
-        loader.set_epoch(epoch)
-        skip = (global_step - epoch * steps_per_epoch) * args.gradient_accumulation_steps
-        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-        for batch in batches:
-            if micro == 0:
-                step_lr = lr_scheduler.get_last_lr()[0]  # the learning rate this optimiser step uses
-            with accelerator.accumulate(model):
-                own, dropout = step_seeds(args.seed, global_step, micro, accelerator.process_index)
-                torch.manual_seed(dropout)  # the UNet's dropout (UNet3D's temporal convs) depends on the step alone
-                generator = torch.Generator("cpu").manual_seed(own)
-                loss = diffusion_loss(
-                    model, components, noise_scheduler, batch, generator, args.caption_dropout, weight_dtype
-                )
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(trainable, args.max_grad_norm)
-                optimizer.step()
-                lr_scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            micro += 1
-            micro_losses.append(loss.detach().float())
-            micro_videos += len(batch["caption"])
-            if not accelerator.sync_gradients:
-                continue
-            global_step += 1
-            if ema is not None:
-                ema.step()
-            step_loss = accelerator.gather(torch.stack(micro_losses).mean()[None]).mean().item()
-            videos = micro_videos * accelerator.num_processes
-            micro, micro_losses, micro_videos = 0, [], 0
-            now = time.perf_counter()
-            record = {
-                "step": global_step,
-                "epoch": epoch,
-                "loss": step_loss,
-                "lr": step_lr,
-                "videos_per_s": videos / (now - t_step),
-                "peak_memory_mb": peak_memory_mb(accelerator.device),
-                "time": now - t_run,
-            }
-            result.losses.append(step_loss)
-            if accelerator.is_main_process:
-                step_log.write(record)
-            if args.report_to:
-                accelerator.log({k: v for k, v in record.items() if k != "step"}, step=global_step)
-            progress.update(1)
-            progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
-            if global_step % args.checkpointing_steps == 0 or (global_step == stop_at < max_steps):
-                path = checkpoints.save(accelerator, global_step, save_state=state_io.save_state)
-                logger.info("checkpoint saved to %s", path)
-            at_end = global_step == max_steps
-            if args.validation_steps and (global_step % args.validation_steps == 0 or at_end):
-                if accelerator.is_main_process or sharded:  # a sharded UNet runs on every process together
-                    path = validate(accelerator, model, ema, global_step)
-                    if accelerator.is_main_process:
-                        result.validation_dirs.append(path)
-                accelerator.wait_for_everyone()
-            t_step = time.perf_counter()  # checkpoint and validation time is not training throughput
-            if global_step >= stop_at:
+class _Loop:
+    """The training loop: optimiser steps of accumulated micro-batches, each logged, checkpointed and validated on
+    schedule, until ``stop_at``."""
+
+    def __init__(
+        self,
+        run: _Run,
+        adapted: _Adapted,
+        opt: _Optimisation,
+        dataset: Any,
+        step_log: Any,
+        validate: _Validator,
+        result: TrainResult,
+    ) -> None:
+        self.run, self.adapted, self.opt, self.dataset = run, adapted, opt, dataset
+        self.step_log, self.validate, self.result = step_log, validate, result
+        self.stop_at = min(opt.max_steps, run.args.stop_after_steps or opt.max_steps)
+        self.global_step = result.global_step
+        self.micro, self.micro_losses, self.micro_videos = 0, [], 0
+        self.step_lr = 0.0
+
+    def run_epochs(self) -> int:
+        """Train from ``global_step`` to ``stop_at``; returns the last step."""
+        from tqdm.auto import tqdm
+
+        run, opt = self.run, self.opt
+        accelerator = run.accelerator
+        self.progress = tqdm(
+            total=opt.max_steps, initial=self.global_step, desc="train", disable=not accelerator.is_local_main_process
+        )
+        self.t_run = self.t_step = time.perf_counter()
+        opt.model.train()
+        first_epoch = self.global_step // opt.steps_per_epoch
+        for epoch in range(first_epoch, opt.num_epochs):
+            if self.global_step >= self.stop_at:
                 break
-    progress.close()
+            self.dataset.set_epoch(epoch)
+            opt.loader.set_epoch(epoch)
+            skip = (self.global_step - epoch * opt.steps_per_epoch) * run.args.gradient_accumulation_steps
+            batches = accelerator.skip_first_batches(opt.loader, skip) if skip else opt.loader
+            for batch in batches:
+                self.micro_step(batch)
+                if not accelerator.sync_gradients:
+                    continue
+                self.global_step += 1
+                if opt.ema is not None:
+                    opt.ema.step()
+                self.log_step(epoch)
+                self.checkpoint()
+                self.validate_on_schedule()
+                self.t_step = time.perf_counter()  # checkpoint and validation time is not training throughput
+                if self.global_step >= self.stop_at:
+                    break
+        self.progress.close()
+        return self.global_step
 
-    # ---- save
-    accelerator.wait_for_everyone()
-    peft_model = accelerator.unwrap_model(model)
-    result.model, result.global_step = peft_model, global_step
-    result.paused = global_step < max_steps
-    if not result.paused:  # every process: a sharded adapter is gathered to the main process, which writes
-        result.adapter_dir = output_dir / "adapter"
-        save_adapter_folder(accelerator, model, result.adapter_dir)
-        if ema is not None:
-            result.ema_adapter_dir = output_dir / "adapter_ema"
-            with ema.swapped_in():
-                save_adapter_folder(accelerator, model, result.ema_adapter_dir)
-    if accelerator.is_main_process and not result.paused:
-        summary = {
-            "method": plan.method,
-            "backbone": components.backbone,
-            "base_model": str(base_dir),
-            "trainable_parameters": n_trainable,
-            "tucker_parameters_at_these_ranks": plan.tucker_num_params,
-            "lora_rank": plan.lora_rank,
-            "ranks": list(ranks),
-            "adapted_layers": len(plan.layers),
-            "steps": global_step,
-            "adapter": str(result.adapter_dir),
-            "adapter_ema": str(result.ema_adapter_dir) if result.ema_adapter_dir else None,
-            "train_log": str(step_log.path),
-            "validation": [str(p) for p in result.validation_dirs],
+    def micro_step(self, batch: dict[str, Any]) -> None:
+        """Forward and backward of one micro-batch; the optimiser steps when the accumulation is complete."""
+        args, accelerator, opt = self.run.args, self.run.accelerator, self.opt
+        if self.micro == 0:
+            self.step_lr = opt.lr_scheduler.get_last_lr()[0]  # the learning rate this optimiser step uses
+        with accelerator.accumulate(opt.model):
+            own, dropout = step_seeds(args.seed, self.global_step, self.micro, accelerator.process_index)
+            torch.manual_seed(dropout)  # the UNet's dropout (UNet3D's temporal convs) depends on the step alone
+            generator = torch.Generator("cpu").manual_seed(own)
+            loss = diffusion_loss(
+                opt.model,
+                self.adapted.components,
+                opt.noise_scheduler,
+                batch,
+                generator,
+                args.caption_dropout,
+                self.adapted.weight_dtype,
+            )
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(opt.trainable, args.max_grad_norm)
+            opt.optimizer.step()
+            opt.lr_scheduler.step()
+            opt.optimizer.zero_grad(set_to_none=True)
+        self.micro += 1
+        self.micro_losses.append(loss.detach().float())
+        self.micro_videos += len(batch["caption"])
+
+    def log_step(self, epoch: int) -> None:
+        """One line of the step log (loss over micro-batches and processes, lr, throughput, memory), the trackers
+        and the progress bar."""
+        args, accelerator = self.run.args, self.run.accelerator
+        step_loss = accelerator.gather(torch.stack(self.micro_losses).mean()[None]).mean().item()
+        videos = self.micro_videos * accelerator.num_processes
+        self.micro, self.micro_losses, self.micro_videos = 0, [], 0
+        now = time.perf_counter()
+        record = {
+            "step": self.global_step,
+            "epoch": epoch,
+            "loss": step_loss,
+            "lr": self.step_lr,
+            "videos_per_s": videos / (now - self.t_step),
+            "peak_memory_mb": peak_memory_mb(accelerator.device),
+            "time": now - self.t_run,
         }
-        losses = [r["loss"] for r in read_log(step_log.path)]  # the whole run, resumed parts included
-        if losses:
-            tenth = max(1, len(losses) // 10)
-            summary["loss_first_tenth"] = sum(losses[:tenth]) / tenth
-            summary["loss_last_tenth"] = sum(losses[-tenth:]) / tenth
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
-        _print_summary(summary, output_dir)
-    elif result.paused:
-        logger.info("stopped at step %d of %d: resume with --resume_from_checkpoint latest", global_step, max_steps)
-    accelerator.wait_for_everyone()
-    accelerator.end_training()
+        self.result.losses.append(step_loss)
+        if accelerator.is_main_process:
+            self.step_log.write(record)
+        if args.report_to:
+            accelerator.log({k: v for k, v in record.items() if k != "step"}, step=self.global_step)
+        self.progress.update(1)
+        self.progress.set_postfix(loss=f"{step_loss:.4f}", lr=f"{record['lr']:.2e}")
+
+    def checkpoint(self) -> None:
+        """A checkpoint every ``--checkpointing_steps``, and at a stop before the last step."""
+        run, opt, step = self.run, self.opt, self.global_step
+        if step % run.args.checkpointing_steps == 0 or (step == self.stop_at < opt.max_steps):
+            path = run.checkpoints.save(run.accelerator, step, save_state=opt.state_io.save_state)
+            logger.info("checkpoint saved to %s", path)
+
+    def validate_on_schedule(self) -> None:
+        """Validation samples every ``--validation_steps`` and at the last step."""
+        run, opt, step = self.run, self.opt, self.global_step
+        args, accelerator = run.args, run.accelerator
+        if args.validation_steps and (step % args.validation_steps == 0 or step == opt.max_steps):
+            if accelerator.is_main_process or run.sharded:  # a sharded UNet runs on every process together
+                path = self.validate(accelerator, opt.model, opt.ema, step)
+                if accelerator.is_main_process:
+                    self.result.validation_dirs.append(path)
+            accelerator.wait_for_everyone()
+
+
+def _save(run: _Run, adapted: _Adapted, opt: _Optimisation, step_log: Any, result: TrainResult) -> None:
+    """A finished run writes ``adapter/`` and ``adapter_ema/`` (every process takes part: a sharded adapter is
+    gathered) and its summary; a paused one says how to resume."""
+    accelerator, output_dir = run.accelerator, run.output_dir
+    if result.paused:
+        logger.info(
+            "stopped at step %d of %d: resume with --resume_from_checkpoint latest", result.global_step, opt.max_steps
+        )
+        return
+    result.adapter_dir = output_dir / "adapter"
+    save_adapter_folder(accelerator, opt.model, result.adapter_dir)
+    if opt.ema is not None:
+        result.ema_adapter_dir = output_dir / "adapter_ema"
+        with opt.ema.swapped_in():
+            save_adapter_folder(accelerator, opt.model, result.ema_adapter_dir)
+    if accelerator.is_main_process:
+        _write_summary(adapted, step_log, result)
+
+
+def _write_summary(adapted: _Adapted, step_log: Any, result: TrainResult) -> None:
+    """``summary.json`` (what was trained, where the outputs are, the loss over the first and last tenth of the
+    steps) and its printed form."""
+    plan = adapted.plan
+    summary = {
+        "method": plan.method,
+        "backbone": adapted.components.backbone,
+        "base_model": adapted.base_dir,
+        "trainable_parameters": adapted.n_trainable,
+        "tucker_parameters_at_these_ranks": plan.tucker_num_params,
+        "lora_rank": plan.lora_rank,
+        "ranks": list(adapted.ranks),
+        "adapted_layers": len(plan.layers),
+        "steps": result.global_step,
+        "adapter": str(result.adapter_dir),
+        "adapter_ema": str(result.ema_adapter_dir) if result.ema_adapter_dir else None,
+        "train_log": str(step_log.path),
+        "validation": [str(p) for p in result.validation_dirs],
+    }
+    losses = [r["loss"] for r in read_log(step_log.path)]  # the whole run, resumed parts included
+    if losses:
+        tenth = max(1, len(losses) // 10)
+        summary["loss_first_tenth"] = sum(losses[:tenth]) / tenth
+        summary["loss_last_tenth"] = sum(losses[-tenth:]) / tenth
+    (result.output_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    _print_summary(summary, result.output_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
+    """Run a training job from command-line arguments; see the module docstring."""
+    args = parse_args(argv)
+    resume = check_inputs(args)
+    run = _setup(args)
+    with contextlib.ExitStack() as run_context:  # what the run changes on the models is undone when it ends
+        adapted = _build_model(run, run_context)
+        dataset, loader = _build_data(run, adapted.components)
+        opt = _build_optimisation(run, adapted, loader)
+        global_step = _resume(run, opt.state_io, resume)
+        step_log = _start_logs(run, global_step)
+        prompts = args.validation_prompts or example_captions(dataset, 2)
+        resolution = args.resolution or adapted.components.resolution
+        validate = _Validator(args, adapted.components, prompts, resolution)
+        result = TrainResult(
+            model=None, global_step=global_step, output_dir=run.output_dir, components=adapted.components
+        )
+        loop = _Loop(run, adapted, opt, dataset, step_log, validate, result)
+        logger.info(
+            "%d videos, %d processes x batch %d x accumulation %d; %d steps (%d per epoch), warm-up %d; stop at %d",
+            len(dataset),
+            run.accelerator.num_processes,
+            args.train_batch_size,
+            args.gradient_accumulation_steps,
+            opt.max_steps,
+            opt.steps_per_epoch,
+            opt.warmup,
+            loop.stop_at,
+        )
+        global_step = loop.run_epochs()
+        run.accelerator.wait_for_everyone()
+        result.model, result.global_step = run.accelerator.unwrap_model(opt.model), global_step
+        result.paused = global_step < opt.max_steps
+        _save(run, adapted, opt, step_log, result)
+        run.accelerator.wait_for_everyone()
+        run.accelerator.end_training()
     return result
 
 
