@@ -9,6 +9,7 @@ from .config import TuckerLoraConfig
 from .io import AdapterFileError, check_safetensors, save_adapter
 from .layer import TuckerLoraLayer
 from .model import TuckerLoraModel
+from .ranks import RankAllocation, allocate_ranks
 from .registry import TUCKER_LORA, register
 from .targets import DEFAULT_TARGET_MODULES
 
@@ -20,9 +21,11 @@ __all__ = [
     "DEFAULT_TARGET_MODULES",
     "TUCKER_LORA",
     "AdapterFileError",
+    "RankAllocation",
     "TuckerLoraConfig",
     "TuckerLoraLayer",
     "TuckerLoraModel",
+    "allocate_ranks",
     "check_safetensors",
     "save_adapter",
     "__version__",
