@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,6 +28,8 @@ from tucker_lora import TuckerLoraLayer, allocate_ranks
 from tucker_lora.ranks import greedy_ranks, mode_spectra, weight_gradients
 from tucker_lora.testing import example_inputs, model_output, tiny_conv3d_net, tiny_unet3d
 from tucker_lora.tucker import MODES, centre_tap, mode_names, reconstruct
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "rank-allocation.md"
 
 
 # ---------------------------------------------------------------------------------------------- helpers
@@ -473,6 +476,19 @@ def test_bad_input_is_refused_with_a_clear_error():
         allocate_ranks(model, 1000, list(SPECS), "gradient", [], regression)
     with pytest.raises(TypeError, match=r"must return a scalar tensor, got shape \(2,\)"):
         allocate_ranks(model, 1000, list(SPECS), "gradient", [0], lambda m, b: torch.ones(2))
+
+
+def test_the_docs_examples_run_as_written(capsys):
+    """Every python block of docs/rank-allocation.md, in order; the first prints the first text block."""
+    text = DOC.read_text()
+    blocks = re.findall(r"```python\n(.*?)```", text, re.S)
+    namespace: dict = {}
+    exec(blocks[0], namespace)
+    printed = capsys.readouterr().out.strip()
+    assert printed == re.search(r"```text\n(.*?)```", text, re.S).group(1).strip()
+    exec(blocks[1], namespace)
+    unet = namespace["unet"]
+    assert unet.get_nb_trainable_parameters()[0] <= 20_000 and namespace["pattern"].proxy == "gradient"
 
 
 def test_summary_and_config_round_trip(unet, tmp_path):
