@@ -42,7 +42,6 @@ FIGURE_DISTANCE = 12
 PENDING = {
     "docs/export.md",
     "docs/stability.md",
-    "docs/rank-allocation.md",
     "docs/demo/motion_grid.png",
 }
 

@@ -28,7 +28,8 @@ FLOORS = {
     "targets": 3,
     "init": 3,
     "model": 4,
-    "__init__": 5,
+    "ranks": 5,
+    "__init__": 6,
 }
 #: Subpackages above the core, in order: a subpackage imports the core, itself and the ones before it.
 SUBPACKAGES = ("video", "eval")

@@ -10,6 +10,7 @@ from .errors import AdapterFileError, InputError
 from .io import check_safetensors, save_adapter
 from .layer import TuckerLoraLayer
 from .model import TuckerLoraModel
+from .ranks import RankAllocation, allocate_ranks
 from .registry import TUCKER_LORA, register
 from .targets import DEFAULT_TARGET_MODULES
 
@@ -22,9 +23,11 @@ __all__ = [
     "TUCKER_LORA",
     "AdapterFileError",
     "InputError",
+    "RankAllocation",
     "TuckerLoraConfig",
     "TuckerLoraLayer",
     "TuckerLoraModel",
+    "allocate_ranks",
     "check_safetensors",
     "save_adapter",
     "__version__",

@@ -8,16 +8,16 @@ from collections.abc import Sequence
 from typing import Optional
 
 import torch
-from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import get_pattern_key
 from torch import nn
 
 from .config import TuckerLoraConfig
 from .decomposition import DECOMPOSITIONS
 from .init import init_from_weights
-from .layer import SUPPORTED_LAYERS, TuckerLoraLayer, logger
+from .layer import TuckerLoraLayer, logger
 from .registry import PREFIX
-from .targets import DEFAULT_TARGET_MODULES, default_target_names
+from .targets import adaptable_layer, required_default_targets
 from .tucker import MODES, block_diagonal_core, orthonormalise
 
 
@@ -33,14 +33,7 @@ class TuckerLoraModel(BaseTuner):
 
     def _prepare_adapter_config(self, peft_config: TuckerLoraConfig, model_config: dict) -> TuckerLoraConfig:
         if peft_config.target_modules is None:
-            names = default_target_names(self.model)
-            if not names:
-                found = "has no entry for" if names is None else "matches no Linear/Conv layer of"
-                raise ValueError(
-                    f"TuckerLoraConfig.target_modules is None and tucker_lora.DEFAULT_TARGET_MODULES {found} a "
-                    f"{type(self.model).__name__} (entries: {', '.join(sorted(DEFAULT_TARGET_MODULES))}): "
-                    "name the modules to adapt (names, suffixes or a regex)"
-                )
+            names = required_default_targets(self.model)
             logger.info("target_modules=None: %d default targets for %s", len(names), type(self.model).__name__)
             peft_config.target_modules = set(names)
         return peft_config
@@ -70,13 +63,7 @@ class TuckerLoraModel(BaseTuner):
         if isinstance(target, TuckerLoraLayer):
             target.update_layer(adapter_name, **kwargs)
             return
-        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if not isinstance(base, SUPPORTED_LAYERS):
-            names = ", ".join(c.__name__ for c in SUPPORTED_LAYERS)
-            raise TypeError(
-                f"target module '{current_key}' is a {type(base).__name__}; Tucker-LoRA adapts {names} "
-                "(and their subclasses): fix target_modules"
-            )
+        adaptable_layer(target, current_key)
         new_module = TuckerLoraLayer(target, adapter_name, layer_name=current_key, **kwargs)
         if adapter_name not in self.active_adapters:
             new_module.requires_grad_(False)

@@ -24,7 +24,14 @@ from torch import nn
 
 from .layer import SUPPORTED_LAYERS
 
-__all__ = ["DEFAULT_TARGET_MODULES", "default_pattern", "default_target_names", "minimal_suffixes"]
+__all__ = [
+    "DEFAULT_TARGET_MODULES",
+    "adaptable_layer",
+    "default_pattern",
+    "default_target_names",
+    "minimal_suffixes",
+    "required_default_targets",
+]
 
 _UNET3D = r"(.*\.)?(temp_convs\.\d+\.conv\d\.\d+|resnets\.\d+\.conv[12])"
 
@@ -110,3 +117,29 @@ def minimal_suffixes(all_names: Iterable[str], selected: Iterable[str]) -> list[
     if {n for n in all_names if _matches(n, chosen)} != selected:
         raise ValueError(f"selected names missing from all_names: {sorted(selected - set(all_names))}")
     return chosen
+
+
+def required_default_targets(model: nn.Module) -> list[str]:
+    """``default_target_names(model)`` for ``target_modules=None``; a ValueError saying why when there are none."""
+    names = default_target_names(model)
+    if not names:
+        found = "has no entry for" if names is None else "matches no Linear/Conv layer of"
+        raise ValueError(
+            f"TuckerLoraConfig.target_modules is None and tucker_lora.DEFAULT_TARGET_MODULES {found} a "
+            f"{type(model).__name__} (entries: {', '.join(sorted(DEFAULT_TARGET_MODULES))}): "
+            "name the modules to adapt (names, suffixes or a regex)"
+        )
+    return names
+
+
+def adaptable_layer(module: nn.Module, key: str) -> nn.Module:
+    """The layer an adapter on the target ``key`` wraps: ``module`` (its base layer if already wrapped), which must
+    be a Linear / Conv1d / Conv2d / Conv3d (subclasses included); a TypeError naming ``key`` otherwise."""
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
+    if not isinstance(base, SUPPORTED_LAYERS):
+        names = ", ".join(c.__name__ for c in SUPPORTED_LAYERS)
+        raise TypeError(
+            f"target module '{key}' is a {type(base).__name__}; Tucker-LoRA adapts {names} "
+            "(and their subclasses): fix target_modules"
+        )
+    return base
