@@ -6,6 +6,7 @@ peft's lifecycle work with ``TuckerLoraConfig``.
 """
 
 from .config import TuckerLoraConfig
+from .export import convert_to_lora, save_as_lora
 from .io import AdapterFileError, check_safetensors, save_adapter
 from .layer import TuckerLoraLayer
 from .model import TuckerLoraModel
@@ -24,6 +25,8 @@ __all__ = [
     "TuckerLoraLayer",
     "TuckerLoraModel",
     "check_safetensors",
+    "convert_to_lora",
     "save_adapter",
+    "save_as_lora",
     "__version__",
 ]
