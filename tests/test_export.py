@@ -559,4 +559,4 @@ def test_command_line_names_a_folder_that_is_not_a_tucker_adapter(tmp_path, caps
 
 
 def test_public_names():
-    assert {"convert_to_lora", "save_as_lora"} <= set(tucker_lora.__all__)
+    assert {"convert_to_lora", "save_as_lora", "resize_adapter"} <= set(tucker_lora.__all__)

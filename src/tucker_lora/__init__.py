@@ -11,6 +11,7 @@ from .io import AdapterFileError, check_safetensors, save_adapter
 from .layer import TuckerLoraLayer
 from .model import TuckerLoraModel
 from .registry import TUCKER_LORA, register
+from .resize import resize_adapter
 from .targets import DEFAULT_TARGET_MODULES
 
 register(TuckerLoraConfig, TuckerLoraModel)
@@ -26,6 +27,7 @@ __all__ = [
     "TuckerLoraModel",
     "check_safetensors",
     "convert_to_lora",
+    "resize_adapter",
     "save_adapter",
     "save_as_lora",
     "__version__",

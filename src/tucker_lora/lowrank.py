@@ -15,6 +15,9 @@ O x (I k) unfolding ``W_(1) = up @ down_(1)``.
   unfolding: left vectors ``Q_o P``, singular values ``S``, right vectors ``V`` lifted by the ``Q_n``.
   Keeping the top r is the best rank-r LoRA (Eckart-Young); the relative Frobenius error is
   ``sqrt(sum_{j > r} S_j^2 / sum_j S_j^2)``. No full-size weight is formed or decomposed.
+- Tucker truncation (``truncate_tucker``): the same QR makes the factors orthonormal, a HOOI of the small
+  core ``C`` gives ``C ~ H x_n V_n``, and the new factors are ``Q_n V_n`` (core ``H``); the error
+  ``||C - H x_n V_n|| / ||C||`` is the update's, since the ``Q_n`` preserve norms.
 
 Everything is computed in float64; callers cast the results to the adapter's dtype.
 """
@@ -28,14 +31,19 @@ from typing import Optional
 
 import torch
 
-from .tucker import mode_product, orthonormalise, unfold
+from .tucker import mode_product, orthonormalise, reconstruct, unfold
 
 __all__ = [
     "LoraSpectrum",
     "exact_lora",
     "lora_shapes",
     "rank_for_energy",
+    "truncate_tucker",
+    "tucker_ranks_for_energy",
 ]
+
+#: Relative energy below which a dropped direction counts as rounding (``energy=1.0`` keeps the rest).
+ENERGY_ROUNDING = 1e-12
 
 
 def _float64(core: torch.Tensor, factors: Sequence[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
@@ -124,3 +132,64 @@ class LoraSpectrum:
         S = self.singular_values[:rank]
         core = self.right[:rank] * S.reshape(-1, *(1,) * (self.right.ndim - 1))
         return lora_shapes(self.left[:, :rank], _expand_but_first(core, self.right_factors))
+
+
+# ---------------------------------------------------------------------------------------------- Tucker truncation
+def _hosvd_rotation(C: torch.Tensor) -> torch.Tensor:
+    """``D = C x_n W_n^T`` with ``W_n`` a full basis of left singular vectors of ``C_(n)`` (descending; a mode
+    whose rank exceeds its unfolding's rank gets directions of zero energy): truncating ``D`` to
+    ``[:t_1, ..., :t_N]`` is the truncated HOSVD, and ``||D[:t]||^2`` the energy it keeps."""
+    for n in range(C.ndim):
+        W = torch.linalg.svd(unfold(C, n), full_matrices=True)[0]
+        C = mode_product(C, W.T, n)
+    return C
+
+
+def tucker_ranks_for_energy(
+    C: torch.Tensor, dims: Sequence[int], caps: Sequence[int], energy: float, pinned: Sequence[bool]
+) -> tuple[int, ...]:
+    """The ranks ``t_n <= caps[n]`` with the fewest parameters (``sum dim_n t_n + prod t_n`` over the modes that
+    are not pinned) whose truncated HOSVD of ``C`` keeps at least ``energy`` of ``||C||^2`` (exhaustive over
+    every rank tuple: the prefix sums of ``D^2`` give each tuple's kept energy at once). HOOI on those ranks
+    keeps at least as much. A zero ``C`` gets ranks 1; where even the caps keep less, the caps."""
+    kept = _hosvd_rotation(C)[tuple(slice(0, c) for c in caps)] ** 2
+    for n in range(kept.ndim):
+        kept = torch.cumsum(kept, n)
+    total = float((C**2).sum())
+    feasible = kept >= (energy - ENERGY_ROUNDING) * total
+    if not feasible.any():  # the caps cannot hold that much: the caps win
+        return tuple(caps)
+    grids = torch.meshgrid(*(torch.arange(1, c + 1, dtype=torch.float64) for c in caps), indexing="ij")
+    free = [n for n, p in enumerate(pinned) if not p]
+    params = sum(dims[n] * grids[n] for n in free) + math.prod(grids[n] for n in free)
+    fewest = feasible & (params == params[feasible].min())
+    index = torch.unravel_index(torch.argmax(torch.where(fewest, kept, -1.0)), kept.shape)  # ties: most energy
+    return tuple(int(i) + 1 for i in index)
+
+
+def truncate_tucker(
+    core: torch.Tensor,
+    factors: Sequence[torch.Tensor],
+    pinned: Sequence[bool],
+    caps: Optional[Sequence[int]] = None,
+    energy: Optional[float] = None,
+) -> Optional[tuple[torch.Tensor, list[torch.Tensor], float]]:
+    """Re-compress ``G x_n U_n`` (any factors) to ranks ``<= caps`` and, with ``energy``, to the fewest
+    parameters keeping that share of its energy (``tucker_ranks_for_energy``); pinned modes stay pinned.
+
+    Returns ``(core, factors, relative_error)`` in float64 with orthonormal factors (``Q_n V_n``), or None when
+    the ranks would not change (the layer is left exactly as it is).
+    """
+    from .init import hooi  # the HOOI of the decomposition module (imports nothing of this one)
+
+    G, Us = _float64(core, factors)
+    C, Qs = orthonormalise(G, Us, keep=pinned)
+    current = tuple(C.shape)
+    caps = tuple(min(c, r) for c, r in zip(caps or current, current, strict=True))
+    dims = [U.shape[0] for U in Us]
+    ranks = caps if energy is None else tucker_ranks_for_energy(C, dims, caps, energy, pinned)
+    if ranks == current:
+        return None
+    H, Vs = hooi(C, list(ranks))
+    error = torch.linalg.vector_norm(C - reconstruct(H, Vs)) / torch.linalg.vector_norm(C).clamp_min(1e-300)
+    return H, [Q @ V for Q, V in zip(Qs, Vs, strict=True)], float(error)

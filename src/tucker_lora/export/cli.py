@@ -1,6 +1,7 @@
-"""Command line of ``python -m tucker_lora.export``.
+"""Command lines of ``python -m tucker_lora.export`` and ``python -m tucker_lora.resize``.
 
     python -m tucker_lora.export ADAPTER_DIR OUT --format kohya [--rank 8 | --rank 0.99] [--base BASE_MODEL_DIR]
+    python -m tucker_lora.resize ADAPTER_DIR OUT (--ranks 4 4 1 1 1 | --energy 0.99) [--base BASE_MODEL_DIR]
 
 ADAPTER_DIR is a Tucker-LoRA ``save_pretrained`` folder. The base model (``--base``, else the adapter config's
 ``base_model_name_or_path``) is a local diffusers pipeline folder (its ``unet`` or ``transformer``) or a diffusers
@@ -22,7 +23,7 @@ from torch import nn
 
 from ..io import WEIGHTS_NAME, check_safetensors
 
-__all__ = ["export_cli", "load_adapter", "load_base_model", "parse_rank"]
+__all__ = ["export_cli", "load_adapter", "load_base_model", "parse_rank", "resize_cli"]
 
 
 def parse_rank(text: str) -> int | float | None:
@@ -143,5 +144,27 @@ def _export(argv: Optional[Sequence[str]]) -> None:
     print(f"wrote a {args.format} LoRA to {args.out}: {_summary(errors)}")
 
 
+def _resize(argv: Optional[Sequence[str]]) -> None:
+    from ..io import save_adapter
+    from ..resize import resize_adapter
+
+    p = argparse.ArgumentParser(prog="python -m tucker_lora.resize", description="Resize a Tucker-LoRA adapter.")
+    p.add_argument("adapter_dir", help="Tucker-LoRA adapter folder (save_pretrained)")
+    p.add_argument("out", help="folder for the resized adapter (may be ADAPTER_DIR itself)")
+    p.add_argument("--ranks", type=int, nargs=5, default=None, metavar="R", help="caps (r_o, r_i, r_t, r_h, r_w)")
+    p.add_argument("--energy", type=float, default=None, help="share of each layer's update energy to keep")
+    p.add_argument("--base", default=None, help="base model folder (default: the adapter's base_model_name_or_path)")
+    p.add_argument("--adapter_name", default="default")
+    args = p.parse_args(argv)
+    model = load_adapter(args.adapter_dir, args.base)
+    errors = resize_adapter(model, args.ranks, args.energy, args.adapter_name)
+    save_adapter(model, args.out, selected_adapters=[args.adapter_name])
+    print(f"wrote the resized adapter to {args.out}: {_summary(errors)}")
+
+
 def export_cli(argv: Optional[Sequence[str]] = None) -> int:
     return _run(_export, argv)
+
+
+def resize_cli(argv: Optional[Sequence[str]] = None) -> int:
+    return _run(_resize, argv)
