@@ -9,6 +9,7 @@ are trained-like: a random core and factors perturbed off orthonormality.
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import os
 import runpy
@@ -31,6 +32,7 @@ from tucker_lora.export.cli import export_cli
 from tucker_lora.testing import example_inputs, model_output, tiny_unet3d, tiny_unet_motion
 
 FRAMES = 3
+ROOT = Path(__file__).resolve().parents[1]
 #: AnimateDiff's motion-module layers without the ones its forward calls as ``proj_in(input=x)``.
 MOTION_POSITIONAL = (
     r"(.*\.)?(resnets\.\d+\.conv[12]|motion_modules\.\d+\.transformer_blocks\.\d+\.attn\d+\.(to_q|to_k|to_v|to_out\.0))"
@@ -533,6 +535,15 @@ def test_command_line_exports_a_saved_adapter(tmp_path, capsys, monkeypatch):
         runpy.run_module("tucker_lora.export", run_name="__main__")
     assert exit_info.value.code == 0
     assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["r"] == 2
+    # the docs' table script on this adapter: each format read back by its own reader
+    spec = importlib.util.spec_from_file_location("export_table", ROOT / "benchmarks" / "export_table.py")
+    table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(table)
+    with pytest.warns(UserWarning, match="no load_lora_adapter"):
+        rows = table.measure(tmp_path / "adapter", tmp_path / "table", [None], str(tmp_path / "base"), frames=2)
+    errors = {r["format"]: r["output_error"] for r in rows}
+    assert errors["diffusers"] is None  # diffusers has no LoRA loader for a UNet3DConditionModel
+    assert errors["peft"] < 1e-5 and errors["kohya"] < 1e-5
 
 
 @pytest.mark.parametrize(
