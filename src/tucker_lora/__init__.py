@@ -7,11 +7,13 @@ peft's lifecycle work with ``TuckerLoraConfig``.
 
 from .config import TuckerLoraConfig
 from .errors import AdapterFileError, InputError
+from .export import convert_to_lora, save_as_lora
 from .io import check_safetensors, save_adapter
 from .layer import TuckerLoraLayer
 from .model import TuckerLoraModel
 from .ranks import RankAllocation, allocate_ranks
 from .registry import TUCKER_LORA, register
+from .resize import resize_adapter
 from .targets import DEFAULT_TARGET_MODULES
 
 register(TuckerLoraConfig, TuckerLoraModel)
@@ -28,7 +30,10 @@ __all__ = [
     "TuckerLoraLayer",
     "TuckerLoraModel",
     "allocate_ranks",
+    "convert_to_lora",
+    "resize_adapter",
     "check_safetensors",
     "save_adapter",
+    "save_as_lora",
     "__version__",
 ]

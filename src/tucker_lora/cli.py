@@ -32,11 +32,16 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return f"{text} (default: {shown.replace('%', '%%')})"
 
 
-def run_cli(main: Callable[[Optional[Sequence[str]]], Any], argv: Optional[Sequence[str]] = None) -> int:
-    """Run a command line's ``main``: bad input prints ``error: ...`` (no traceback) and gives exit status 2."""
+def run_cli(
+    main: Callable[[Optional[Sequence[str]]], Any],
+    argv: Optional[Sequence[str]] = None,
+    errors: tuple[type[Exception], ...] = (InputError,),
+) -> int:
+    """Run a command line's ``main``: bad input (``errors``) prints ``error: ...`` (no traceback) and gives exit
+    status 2."""
     try:
         main(argv)
-    except InputError as e:
+    except errors as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -1,0 +1,5 @@
+import sys
+
+from .cli import resize_cli
+
+sys.exit(resize_cli())
