@@ -4,6 +4,10 @@ State per adapter ``a``: the core ``G`` (``tucker_lora_core[a]``), one factor ``
 (``tucker_lora_U_<n>[a]``, shape (dim_n, r_n)), ``alpha[a]`` and the resolved ranks. A kernel mode
 configured with rank 0 is pinned: its factor is the constant centre-tap one-hot (not stored, not
 trained) and the core has size 1 there.
+
+The adapter tensors are created in the base weight's floating dtype (initialised in float32 first), as
+peft LoRA's are; peft then upcasts float16 / bfloat16 adapters to float32 unless it is called with
+``autocast_adapter_dtype=False``.
 """
 
 from __future__ import annotations
@@ -158,10 +162,11 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         self.forward_mode = forward_mode
         frozen = tuple(factor_attr(m) for m, p in zip(mr.modes, mr.pinned, strict=True) if m in freeze_modes and not p)
         self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: frozen}
-        for attr in self.adapter_layer_names:  # onto the base weight's device (empty-weight loading stays on meta)
+        # onto the base weight's device and floating dtype (empty-weight loading stays on meta)
+        for attr in self.adapter_layer_names:
             params = getattr(self, attr)
             if adapter_name in params and params[adapter_name].device.type != "meta":
-                params[adapter_name] = params[adapter_name].to(weight.device)
+                params[adapter_name] = params[adapter_name].to(weight.device, dtype=weight.dtype)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()

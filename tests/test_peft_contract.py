@@ -1,0 +1,140 @@
+"""What peft expects of an adapter method: adapter dtypes (``autocast_adapter_dtype``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import tensorly as tl
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+from conftest import TARGETS, ToyVideoNet
+from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
+from tucker_lora.testing import tiny_unet_motion
+
+
+def tucker_delta(layer: TuckerLoraLayer, adapter: str, alpha: float) -> torch.Tensor:
+    """``alpha * G x_1 U_1 ... x_N U_N`` in float64, by tensorly (independent of tucker_lora's reconstruct)."""
+    with tl.backend_context("pytorch"):
+        core = layer.tucker_lora_core[adapter].detach().double()
+        return alpha * tl.tucker_to_tensor((core, [U.detach().double() for U in layer.factors(adapter)]))
+
+
+def adapter_dtypes(model: nn.Module) -> set[torch.dtype]:
+    return {p.dtype for n, p in model.named_parameters() if "tucker_lora_" in n}
+
+
+# ------------------------------------------------------------------------------------------- autocast_adapter_dtype
+@pytest.mark.parametrize("low_cpu_mem_usage", [False, True])
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_adapter_dtype_follows_autocast_adapter_dtype(dtype, autocast, low_cpu_mem_usage, tmp_path):
+    """peft's matrix (test_adapter_dtype_autocast): float32 adapters with autocast, the base model's dtype
+    without, through get_peft_model, add_adapter, PeftModel.from_pretrained and load_adapter; the loaded
+    tensors are the saved ones and the loaded model computes what the saved one did."""
+    torch.manual_seed(0)
+    base = ToyVideoNet().to(dtype)
+    expected = torch.float32 if autocast else dtype
+    config = TuckerLoraConfig(target_modules=TARGETS, ranks=(3, 2, 2, 2, 2), init_weights=False)
+    model = get_peft_model(copy.deepcopy(base), config, autocast_adapter_dtype=autocast)
+    model.add_adapter("other", copy.deepcopy(config), autocast_adapter_dtype=autocast)
+    assert adapter_dtypes(model) == {expected}
+    x = torch.randn(1, 3, 3, 5, 5).to(dtype)
+    with torch.no_grad():
+        y = model(x)
+    assert y.dtype == dtype and torch.isfinite(y).all()
+    model.save_pretrained(tmp_path, selected_adapters=["default", "other"])
+
+    loaded = PeftModel.from_pretrained(
+        copy.deepcopy(base), tmp_path, autocast_adapter_dtype=autocast, low_cpu_mem_usage=low_cpu_mem_usage
+    )
+    loaded.load_adapter(
+        tmp_path / "other", adapter_name="other", autocast_adapter_dtype=autocast, low_cpu_mem_usage=low_cpu_mem_usage
+    )
+    assert adapter_dtypes(loaded) == {expected}
+    saved = model.state_dict()
+    for key, value in loaded.state_dict().items():
+        if "tucker_lora_" in key:
+            assert torch.equal(value, saved[key]), key
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+
+
+def test_diffusers_add_adapter_keeps_the_models_dtype():
+    """diffusers' add_adapter (peft's inject_adapter_in_model, no autocast) leaves the adapter in the model's
+    dtype, as it leaves a peft LoRA adapter."""
+    base = tiny_unet_motion().to(torch.bfloat16)
+    tucker, lora = copy.deepcopy(base), copy.deepcopy(base)
+    tucker.add_adapter(TuckerLoraConfig(target_modules=["conv1"]))
+    lora.add_adapter(LoraConfig(target_modules=["conv1"]))
+    assert adapter_dtypes(tucker) == {p.dtype for n, p in lora.named_parameters() if "lora_" in n} == {torch.bfloat16}
+
+
+class ReflectConv2d(nn.Conv2d):
+    """A Conv2d subclass with its own forward (the adapter then runs merged into the weight)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect"))
+
+
+LOW_PRECISION_LAYERS = {
+    "linear": (lambda: nn.Linear(8, 6), (3, 4, 1, 1, 1), (3, 8)),
+    "conv1d": (lambda: nn.Conv1d(4, 6, 3, padding=1), (3, 2, 2, 1, 1), (2, 4, 7)),
+    "conv2d": (lambda: nn.Conv2d(4, 6, 3, padding=1), (3, 2, 1, 2, 2), (2, 4, 6, 6)),
+    "conv2d-grouped": (lambda: nn.Conv2d(4, 6, 3, groups=2, padding=1), (3, 2, 1, 2, 0), (2, 4, 6, 6)),
+    "conv2d-subclass": (lambda: ReflectConv2d(4, 6, 3), (3, 2, 1, 2, 2), (2, 4, 6, 6)),
+    "conv3d": (lambda: nn.Conv3d(4, 6, 3, padding=1), (3, 2, 0, 2, 2), (1, 4, 3, 5, 5)),
+}
+
+
+class Holder(nn.Module):
+    def __init__(self, layer: nn.Module) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+@pytest.mark.parametrize(("forward_mode", "adapters"), [("factored", 1), ("merged", 1), ("auto", 2)])
+@pytest.mark.parametrize("kind", sorted(LOW_PRECISION_LAYERS))
+@pytest.mark.parametrize(("dtype", "tol"), [(torch.float16, 3e-3), (torch.bfloat16, 2e-2)])
+def test_low_precision_adapter_computes_the_update(kind, dtype, tol, forward_mode, adapters):
+    """With autocast_adapter_dtype=False the fp16 / bf16 adapter runs every compute path (factored, merged, the
+    merged-weight module path of a subclass, grouped, several adapters at once) in the base dtype: output and
+    core gradient close to a float64 reference built from the same tensors."""
+    make, ranks, in_shape = LOW_PRECISION_LAYERS[kind]
+    torch.manual_seed(3)
+    base = make().to(dtype)
+    config = TuckerLoraConfig(
+        target_modules=["layer"], ranks=ranks, alpha=1.5, init_weights=False, forward_mode=forward_mode
+    )
+    model = get_peft_model(Holder(copy.deepcopy(base)), config, autocast_adapter_dtype=False)
+    names = ["default"]
+    if adapters == 2:
+        second = TuckerLoraConfig(target_modules=["layer"], ranks=ranks, init_weights=False)
+        model.add_adapter("second", second, autocast_adapter_dtype=False)
+        model.base_model.set_adapter(["default", "second"])
+        names.append("second")
+    layer = model.base_model.model.layer
+    assert adapter_dtypes(model) == {dtype}
+    x = torch.randn(in_shape).to(dtype)
+    y = model(x)
+    assert y.dtype == dtype
+    core = layer.tucker_lora_core["default"]
+    others = sum(tucker_delta(layer, a, layer.tucker_lora_alpha[a]) for a in names[1:])
+    ref_core = core.detach().double().requires_grad_(True)
+    with tl.backend_context("pytorch"):
+        ref_delta = 1.5 * tl.tucker_to_tensor((ref_core, [U.detach().double() for U in layer.factors("default")]))
+    ref = copy.deepcopy(base).double()
+    params = {"weight": ref.weight.detach() + others + ref_delta, "bias": ref.bias.detach()}
+    ref_y = torch.func.functional_call(ref, params, (x.double(),))
+    scale = 1.0 + ref_y.abs().max().item()
+    assert (y.double() - ref_y).abs().max().item() <= tol * scale
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(4))
+    (y * g.to(dtype)).sum().backward()
+    (ref_grad,) = torch.autograd.grad((ref_y * g.double()).sum(), ref_core)
+    assert core.grad.dtype == dtype
+    assert (core.grad.double() - ref_grad).abs().max().item() <= 4 * tol * (1.0 + ref_grad.abs().max().item())
