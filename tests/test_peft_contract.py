@@ -1,4 +1,5 @@
-"""What peft expects of an adapter method: adapter dtypes (``autocast_adapter_dtype``)."""
+"""What peft expects of an adapter method: adapter dtypes (``autocast_adapter_dtype``) and
+``in_features`` / ``out_features``."""
 
 from __future__ import annotations
 
@@ -138,3 +139,28 @@ def test_low_precision_adapter_computes_the_update(kind, dtype, tol, forward_mod
     (ref_grad,) = torch.autograd.grad((ref_y * g.double()).sum(), ref_core)
     assert core.grad.dtype == dtype
     assert (core.grad.double() - ref_grad).abs().max().item() <= 4 * tol * (1.0 + ref_grad.abs().max().item())
+
+
+# ------------------------------------------------------------------------------------------- in_features / out_features
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: nn.Linear(7, 5),
+        lambda: nn.Conv1d(4, 6, 3),
+        lambda: nn.Conv2d(4, 6, 3, groups=2),
+        lambda: nn.Conv2d(3, 9, 1),
+        lambda: nn.Conv3d(5, 10, 3),
+    ],
+    ids=["linear", "conv1d", "conv2d-grouped", "conv2d-1x1", "conv3d"],
+)
+def test_in_and_out_features_match_peft_lora(make):
+    """Every adapter layer has peft's ``in_features`` / ``out_features`` (a conv's in / out channels), equal to
+    what peft LoRA's layer reports for the same base layer."""
+    base = make()
+    tucker = get_peft_model(Holder(copy.deepcopy(base)), TuckerLoraConfig(target_modules=["layer"]))
+    lora = get_peft_model(Holder(copy.deepcopy(base)), LoraConfig(target_modules=["layer"], r=2))
+    t, lo = tucker.base_model.model.layer, lora.base_model.model.layer
+    assert (t.in_features, t.out_features) == (lo.in_features, lo.out_features)
+    expected = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else None
+    expected = expected or (base.in_channels, base.out_channels)
+    assert (t.in_features, t.out_features) == expected

@@ -71,6 +71,13 @@ def _entry(params: nn.ParameterDict, name: str) -> torch.Tensor:
     return params[name] if entry is None else entry
 
 
+def features(base_layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear, ``(in_channels, out_channels)`` of a conv (all groups)."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    return base_layer.in_channels, base_layer.out_channels
+
+
 def _check_weight(weight: object, layer_name: str) -> None:
     """The base weight must be a plain floating-point tensor (quantised or lazy weights are refused by name)."""
     if not isinstance(weight, torch.Tensor):
@@ -97,6 +104,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             )
         self.base_layer = base_layer
         self.layer_name = layer_name or type(base_layer).__name__
+        self.in_features, self.out_features = features(base_layer)
         self._plain = is_plain(base_layer)
         plain_conv = self._plain and not isinstance(base_layer, nn.Linear)
         self._geometry = ConvGeometry.of(base_layer) if plain_conv else None
