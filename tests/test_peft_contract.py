@@ -1,5 +1,6 @@
-"""What peft expects of an adapter method: adapter dtypes (``autocast_adapter_dtype``) and
-``in_features`` / ``out_features``."""
+"""What peft and diffusers expect of an adapter method: adapter dtypes (``autocast_adapter_dtype``),
+``in_features`` / ``out_features``, and the scaling API behind diffusers' ``set_adapters`` with diffusers'
+model API on the tiny UNetMotionModel."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from conftest import TARGETS, ToyVideoNet
 from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
-from tucker_lora.testing import tiny_unet_motion
+from tucker_lora.testing import default_targets, example_inputs, model_output, tiny_unet_motion
 
 
 def tucker_delta(layer: TuckerLoraLayer, adapter: str, alpha: float) -> torch.Tensor:
@@ -164,3 +165,106 @@ def test_in_and_out_features_match_peft_lora(make):
     expected = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else None
     expected = expected or (base.in_channels, base.out_channels)
     assert (t.in_features, t.out_features) == expected
+
+
+# ------------------------------------------------------------------------------------------- scaling API
+def _scale_of(layer, adapter: str) -> float:
+    """The applied scale over the configured one: Tucker ``alpha / tucker_lora_alpha``, LoRA ``scaling / (alpha/r)``."""
+    if isinstance(layer, TuckerLoraLayer):
+        return layer.alpha[adapter] / layer.tucker_lora_alpha[adapter]
+    return layer.scaling[adapter] / (layer.lora_alpha[adapter] / layer.r[adapter])
+
+
+def test_set_scale_scale_layer_unscale_layer_follow_peft_lora():
+    """The same calls on a Tucker layer and a peft LoRA layer leave the same relative scale after each call."""
+    base = Holder(nn.Linear(6, 4))
+    tucker = get_peft_model(copy.deepcopy(base), TuckerLoraConfig(target_modules=["layer"], alpha=3.0))
+    lora = get_peft_model(copy.deepcopy(base), LoraConfig(target_modules=["layer"], r=2, lora_alpha=6))
+    for model in (tucker, lora):
+        model.add_adapter("b", copy.deepcopy(model.peft_config["default"]))
+        model.base_model.set_adapter(["default", "b"])
+    t, lo = tucker.base_model.model.layer, lora.base_model.model.layer
+    calls = [
+        ("set_scale", ("b", 0.25)),
+        ("scale_layer", (3.0,)),
+        ("scale_layer", (1.0,)),
+        ("unscale_layer", (3.0,)),
+        ("set_scale", ("missing", 5.0)),
+        ("scale_layer", (0.5,)),
+        ("unscale_layer", (None,)),
+    ]
+    for name, args in calls:
+        getattr(t, name)(*args)
+        getattr(lo, name)(*args)
+        for adapter in ("default", "b"):
+            assert _scale_of(t, adapter) == pytest.approx(_scale_of(lo, adapter)), (name, args, adapter)
+
+
+@pytest.fixture(scope="module")
+def motion_two_adapters():
+    """The tiny UNetMotionModel with Tucker adapters 'a' (alpha 1) and 'b' (alpha 2) through diffusers' API."""
+    base = tiny_unet_motion()
+    model = copy.deepcopy(base)
+    targets = default_targets(model)
+    torch.manual_seed(1)
+    model.add_adapter(TuckerLoraConfig(target_modules=targets, ranks=(2, 2, 1, 1, 1), init_weights=False), "a")
+    model.add_adapter(
+        TuckerLoraConfig(target_modules=targets, ranks=(3, 2, 1, 2, 2), alpha=2.0, init_weights=False), "b"
+    )
+    return base, model, example_inputs(model, frames=2)
+
+
+def _mixed_reference(base, model, inputs, weights: dict[str, float]) -> torch.Tensor:
+    """The base model with ``W + sum_a w_a * alpha_a * dW_a`` (summed in float64) on every adapted layer."""
+    ref = copy.deepcopy(base)
+    layers = dict(ref.named_modules())
+    with torch.no_grad():
+        for name, layer in model.named_modules():
+            if isinstance(layer, TuckerLoraLayer):
+                weight = layers[name].weight
+                delta = sum(
+                    w * tucker_delta(layer, adapter, layer.tucker_lora_alpha[adapter])
+                    for adapter, w in weights.items()
+                    if adapter in layer.tucker_lora_core
+                )
+                weight.copy_(weight.double() + delta)
+        return model_output(ref, inputs)
+
+
+@pytest.mark.parametrize("weights", [(0.5, 1.0), (0.0, 0.0), (-1.0, 0.3)])
+def test_diffusers_set_adapters_mixes_with_the_weights(motion_two_adapters, weights):
+    """set_adapters(["a", "b"], weights) gives W + w_a dW_a + w_b dW_b to 1e-4; weights 0 give the base output."""
+    base, model, inputs = motion_two_adapters
+    model.set_adapters(["a", "b"], weights=list(weights))
+    assert model.active_adapters() == ["a", "b"]
+    with torch.no_grad():
+        y = model_output(model, inputs)
+        base_y = model_output(base, inputs)
+    want = _mixed_reference(base, model, inputs, dict(zip("ab", weights, strict=True)))
+    assert (y - want).abs().max().item() < 1e-4
+    if weights == (0.0, 0.0):
+        assert (y - base_y).abs().max().item() < 1e-5
+    else:
+        assert (want - base_y).abs().max().item() > 1e-2  # the mix matters
+
+
+def test_diffusers_enable_disable_delete_and_lora_scale(motion_two_adapters):
+    """disable_adapters gives the base output, enable_adapters the mix again, cross_attention_kwargs' scale
+    multiplies it for one call (diffusers' scale_layer / unscale_layer), delete_adapters removes one adapter."""
+    base, original, inputs = motion_two_adapters
+    model = copy.deepcopy(original)
+    model.set_adapters(["a", "b"], weights=[0.5, 1.0])
+    with torch.no_grad():
+        base_y = model_output(base, inputs)
+        model.disable_adapters()
+        assert (model_output(model, inputs) - base_y).abs().max().item() < 1e-5
+        model.enable_adapters()
+        scaled = model_output(model, {**inputs, "cross_attention_kwargs": {"scale": 0.5}})
+        half = _mixed_reference(base, model, inputs, {"a": 0.25, "b": 0.5})
+        assert (scaled - half).abs().max().item() < 1e-4
+        mixed = _mixed_reference(base, model, inputs, {"a": 0.5, "b": 1.0})
+        assert (model_output(model, inputs) - mixed).abs().max().item() < 1e-4  # enabled again, scale undone
+        model.delete_adapters("a")
+        assert list(model.peft_config) == ["b"] and model.active_adapters() == ["b"]
+        only_b = _mixed_reference(base, model, inputs, {"b": 1.0})
+        assert (model_output(model, inputs) - only_b).abs().max().item() < 1e-4

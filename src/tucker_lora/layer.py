@@ -1,7 +1,9 @@
 """``TuckerLoraLayer``: one adapter layer for ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (and their subclasses).
 
 State per adapter ``a``: the core ``G`` (``tucker_lora_core[a]``), one factor ``U_n`` per trained mode
-(``tucker_lora_U_<n>[a]``, shape (dim_n, r_n)), ``alpha[a]`` and the resolved ranks. A kernel mode
+(``tucker_lora_U_<n>[a]``, shape (dim_n, r_n)), the configured ``tucker_lora_alpha[a]``, the scale the
+update is applied with, ``alpha[a] = s * tucker_lora_alpha[a]`` (``s = 1`` unless ``set_scale`` /
+``scale_layer`` say otherwise, as peft LoRA's ``scaling``), and the resolved ranks. A kernel mode
 configured with rank 0 is pinned: its factor is the constant centre-tap one-hot (not stored, not
 trained) and the core has size 1 there.
 
@@ -93,7 +95,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
     """Wraps a frozen base layer and adds ``alpha * dW`` of each active Tucker adapter."""
 
     adapter_layer_names = ("tucker_lora_core",) + tuple(factor_attr(m) for m in MODES)
-    other_param_names = ("mode_ranks", "alpha", "tucker_lora_dropout", "_factor_sources")
+    other_param_names = ("mode_ranks", "alpha", "tucker_lora_alpha", "tucker_lora_dropout", "_factor_sources")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str = "", **kwargs: Any) -> None:
         super().__init__()
@@ -118,7 +120,8 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         self.tucker_lora_dropout = nn.ModuleDict()
         self.mode_ranks: dict[str, ModeRanks] = {}
         self._centre_taps: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        self.alpha: dict[str, float] = {}
+        self.tucker_lora_alpha: dict[str, float] = {}  # as configured
+        self.alpha: dict[str, float] = {}  # as applied: scale * tucker_lora_alpha
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -161,7 +164,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             (None if pinned else getattr(self, factor_attr(mode)), dim)
             for mode, dim, pinned in zip(mr.modes, mr.dims, mr.pinned, strict=True)
         ]
-        self.alpha[adapter_name] = float(alpha)
+        self.tucker_lora_alpha[adapter_name] = self.alpha[adapter_name] = float(alpha)
         self.tucker_lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.tucker_lora_core[adapter_name] = nn.Parameter(torch.zeros(mr.ranks))
         for n in mr.trainable_modes:
@@ -198,6 +201,27 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             core.normal_(0.0, core_init_scale)
         else:
             core.zero_()
+
+    # ------------------------------------------------------------------ scale (peft LoRA's API, used by diffusers)
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Apply ``adapter`` as ``scale * tucker_lora_alpha * dW`` (diffusers' ``set_adapters`` weights)."""
+        if adapter in self.tucker_lora_alpha:
+            self.alpha[adapter] = float(scale) * self.tucker_lora_alpha[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the applied scale of every active adapter by ``scale``."""
+        if scale == 1:
+            return
+        for name in self._active():
+            self.alpha[name] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Undo ``scale_layer(scale)``; with ``None``, back to the configured ``tucker_lora_alpha``."""
+        for name in self._active():
+            if scale is None:
+                self.alpha[name] = self.tucker_lora_alpha[name]
+            else:
+                self.alpha[name] /= scale
 
     def factors(self, adapter_name: str) -> list[torch.Tensor]:
         """``[U_o, U_i, (U_t, U_h,) U_w]`` of the adapter, pinned modes as their centre-tap one-hot."""
