@@ -2,7 +2,8 @@
 
 ``import tucker_lora`` registers the method with peft under the name ``tucker_lora``
 (``PeftType.TUCKER_LORA``), so ``get_peft_model``, ``PeftModel.from_pretrained`` and the rest of
-peft's lifecycle work with ``TuckerLoraConfig``.
+peft's lifecycle work with ``TuckerLoraConfig``. An installed tucker-lora also registers it whenever
+peft is imported (``tucker_lora_hook``), so saved adapters load without this import.
 """
 
 from .config import TuckerLoraConfig
