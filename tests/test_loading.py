@@ -1,8 +1,10 @@
-"""Loading in a process that never imports tucker_lora (the start-up hook ``tucker_lora_hook.pth``), in fresh
-processes."""
+"""Loading in a process that never imports tucker_lora (the start-up hook ``tucker_lora_hook.pth``) and
+the model card of a saved adapter folder, both in fresh processes."""
 
 from __future__ import annotations
 
+import copy
+import json
 import re
 import subprocess
 import sys
@@ -11,10 +13,11 @@ from pathlib import Path
 
 import torch
 from peft import get_peft_model
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from conftest import TARGETS, ToyVideoNet
 from tucker_lora import TuckerLoraConfig
+from tucker_lora.card import MARKER
 
 TESTS = Path(__file__).parent
 
@@ -94,3 +97,37 @@ def test_a_failing_registration_warns_and_leaves_peft_importable():
         """
     )
     assert out.split() == ["PeftModel", "True"]
+
+
+def test_model_card_describes_the_adapter_and_its_two_line_load_works(tmp_path):
+    """The saved README says what the adapter is; its python block, run as written in a fresh process (with
+    base_model and the folder filled in), loads the adapter; saving again keeps one section."""
+    torch.manual_seed(0)
+    base = ToyVideoNet()
+    save_file(base.state_dict(), tmp_path / "base.safetensors")
+    config = TuckerLoraConfig(target_modules=TARGETS, ranks=(3, 2, 2, 2, 1), alpha=2.0, init_weights=False)
+    model = get_peft_model(base, config)
+    model.add_adapter("other", copy.deepcopy(config))
+    for _ in range(2):
+        model.save_pretrained(tmp_path / "adapter", selected_adapters=["default", "other"])
+    for folder in (tmp_path / "adapter", tmp_path / "adapter" / "other"):
+        card = (folder / "README.md").read_text()
+        assert card.count(MARKER) == 1
+        assert "pip install tucker-lora" in card and "TUCKER_LORA" in card and "(3, 2, 2, 2, 1)" in card
+        assert re.search(r"^tags:\n(- .*\n)*- tucker-lora$", card, re.M)
+    (code,) = re.findall(r"```python\n(.*?)```", (tmp_path / "adapter" / "README.md").read_text(), re.S)
+    assert len(code.strip().splitlines()) == 2
+    code = code.replace('"path/to/this/folder"', repr(str(tmp_path / "adapter")))
+    x = torch.randn(1, 3, 4, 6, 6)
+    with torch.no_grad():
+        save_file({"x": x, "y": model(x)}, tmp_path / "io.safetensors")
+    prelude = (
+        "import torch\nfrom conftest import ToyVideoNet\nfrom safetensors.torch import load_file\n"
+        f"base_model = ToyVideoNet()\nbase_model.load_state_dict(load_file({str(tmp_path / 'base.safetensors')!r}))\n"
+    )
+    check = (
+        f"io = load_file({str(tmp_path / 'io.safetensors')!r})\nprint((model(io['x']) - io['y']).abs().max().item())\n"
+    )
+    assert float(_run(prelude + code + check)) < 1e-6
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "TUCKER_LORA"
+    assert load_file(tmp_path / "adapter" / "adapter_model.safetensors")
