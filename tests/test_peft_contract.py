@@ -1,6 +1,6 @@
 """What peft and diffusers expect of an adapter method: adapter dtypes (``autocast_adapter_dtype``),
-``in_features`` / ``out_features``, and the scaling API behind diffusers' ``set_adapters`` with diffusers'
-model API on the tiny UNetMotionModel."""
+``in_features`` / ``out_features``, the scaling API behind diffusers' ``set_adapters``, and diffusers' model
+and adapter-file APIs on the tiny UNetMotionModel."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 import tensorly as tl
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors.torch import save_file
 from torch import nn
 
 from conftest import TARGETS, ToyVideoNet
@@ -268,3 +269,48 @@ def test_diffusers_enable_disable_delete_and_lora_scale(motion_two_adapters):
         assert list(model.peft_config) == ["b"] and model.active_adapters() == ["b"]
         only_b = _mixed_reference(base, model, inputs, {"b": 1.0})
         assert (model_output(model, inputs) - only_b).abs().max().item() < 1e-4
+
+
+# ------------------------------------------------------------------------------------------- diffusers' file API
+def test_diffusers_save_and_load_lora_adapter_round_trip(motion_two_adapters, tmp_path):
+    """save_lora_adapter on a Tucker adapter writes a peft adapter folder; load_lora_adapter (fresh model) and
+    PeftModel.from_pretrained read it back to the same output; a LoRA adapter still takes diffusers' own path."""
+    base, original, inputs = motion_two_adapters
+    model = copy.deepcopy(original)
+    model.set_adapters(["b"], weights=[1.0])
+    model.save_lora_adapter(tmp_path / "b", adapter_name="b")
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "README.md",
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    ]
+    with torch.no_grad():
+        want = model_output(model, inputs)
+        fresh = copy.deepcopy(base)
+        fresh.load_lora_adapter(tmp_path / "b", adapter_name="b")
+        torch.testing.assert_close(model_output(fresh, inputs), want, rtol=0, atol=0)
+        peft_model = PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "b")
+        torch.testing.assert_close(model_output(peft_model, inputs), want, rtol=0, atol=0)
+
+    lora = copy.deepcopy(base)
+    lora.add_adapter(LoraConfig(target_modules=["conv1"], init_lora_weights=False), "l")
+    lora.save_lora_adapter(tmp_path / "lora", adapter_name="l")
+    assert (tmp_path / "lora" / "pytorch_lora_weights.safetensors").is_file()
+    again = copy.deepcopy(base)
+    again.load_lora_adapter(
+        tmp_path / "lora", prefix=None, adapter_name="l", weight_name="pytorch_lora_weights.safetensors"
+    )
+    with torch.no_grad():
+        torch.testing.assert_close(model_output(again, inputs), model_output(lora, inputs), rtol=0, atol=1e-6)
+
+
+def test_diffusers_load_lora_adapter_refuses_tucker_tensors_in_a_lora_file(motion_two_adapters, tmp_path):
+    """A LoRA file (or state dict) holding Tucker-LoRA tensors is refused by name instead of loading nothing."""
+    base, original, _ = motion_two_adapters
+    from peft.utils import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(original, adapter_name="a")
+    save_file({k: v.contiguous() for k, v in state.items()}, tmp_path / "pytorch_lora_weights.safetensors")
+    for source in (state, tmp_path):
+        with pytest.raises(ValueError, match=r"holds Tucker-LoRA tensors \(e\.g\. '[^']*tucker_lora_.*save_as_lora"):
+            copy.deepcopy(base).load_lora_adapter(source, adapter_name="x")

@@ -6,6 +6,9 @@ peft's lifecycle work with ``TuckerLoraConfig``. An installed tucker-lora also r
 peft is imported (``tucker_lora_hook``), so saved adapters load without this import.
 """
 
+import tucker_lora_hook
+
+from . import diffusers_api
 from .config import TuckerLoraConfig
 from .io import AdapterFileError, check_safetensors, save_adapter
 from .layer import TuckerLoraLayer
@@ -14,6 +17,8 @@ from .registry import TUCKER_LORA, register
 from .targets import DEFAULT_TARGET_MODULES
 
 register(TuckerLoraConfig, TuckerLoraModel)
+# diffusers' save_lora_adapter / load_lora_adapter on Tucker-LoRA adapters (now, or once diffusers' loaders load)
+tucker_lora_hook.when_imported("diffusers.loaders.peft", diffusers_api.install)
 
 __version__ = "0.1.0"
 
