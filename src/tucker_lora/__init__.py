@@ -10,6 +10,7 @@ import tucker_lora_hook
 
 from . import diffusers_api
 from .config import TuckerLoraConfig
+from .hotswap import hotswap_adapter
 from .io import AdapterFileError, check_safetensors, save_adapter
 from .layer import TuckerLoraLayer
 from .model import TuckerLoraModel
@@ -30,6 +31,7 @@ __all__ = [
     "TuckerLoraLayer",
     "TuckerLoraModel",
     "check_safetensors",
+    "hotswap_adapter",
     "save_adapter",
     "__version__",
 ]
