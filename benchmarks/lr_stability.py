@@ -163,33 +163,24 @@ def unet_table(args) -> None:
     print_table({(o, names[m], s): v for (o, m, s), v in rows.items()}, args)
 
 
-class Holder(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
 def layer_table(args) -> None:
     torch.set_num_threads(args.threads)
     rows = {}
     for seed in args.seeds:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            base = Holder(nn.Conv3d(64, 64, 3, padding=1))
+            base = nn.Sequential(nn.Conv3d(64, 64, 3, padding=1))
             x = torch.randn(2, 64, 4, 8, 8)
-            target_layer = copy.deepcopy(base.layer)
+            target_layer = copy.deepcopy(base[0])
             with torch.no_grad():
                 D = torch.randn_like(target_layer.weight)
                 target_layer.weight += 0.1 * target_layer.weight.norm() * D / D.norm()
                 target = target_layer(x)
         ranks = tuple(args.layer_ranks)
-        rank = matched_lora_rank(base, ["layer"], ranks)
+        rank = matched_lora_rank(base, ["0"], ranks)
         configs = {
-            f"Tucker-LoRA {ranks}": TuckerLoraConfig(target_modules=["layer"], ranks=ranks),
-            f"peft LoRA r={rank}": LoraConfig(target_modules=["layer"], r=rank, lora_alpha=rank),
+            f"Tucker-LoRA {ranks}": TuckerLoraConfig(target_modules=["0"], ranks=ranks),
+            f"peft LoRA r={rank}": LoraConfig(target_modules=["0"], r=rank, lora_alpha=rank),
         }
         for optimizer in args.optimizers:
             for name, config in configs.items():
@@ -216,7 +207,7 @@ def first_step(make: Callable[[], nn.Module], loss_fn, optimizer: str, lr: float
     """How far one step at a small ``lr`` moves the layer's update ``dW``: ``|d dW| / (lr |dL/dW|)`` for SGD
     (1 for plain gradient descent on W), ``|d dW| / lr`` for AdamW (whose first step is ``lr`` per parameter)."""
     model = make()
-    layer = model.base_model.model.layer
+    layer = model.base_model.model[0]  # the adapted layer of an nn.Sequential
     weight = layer.get_base_layer().weight
     before = layer.get_delta_weight("default").detach().double()
     opt = OPTIMIZERS[optimizer]([p for p in model.parameters() if p.requires_grad], lr)

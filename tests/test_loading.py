@@ -8,26 +8,17 @@ import json
 import re
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import torch
 from peft import get_peft_model
 from safetensors.torch import load_file, save_file
 
-from conftest import TARGETS, ToyVideoNet
+from conftest import TARGETS, ToyVideoNet, run_python
 from tucker_lora import TuckerLoraConfig
 from tucker_lora.card import MARKER
 
 TESTS = Path(__file__).parent
-
-
-def _run(code: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=TESTS, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 def _importtime_children(name: str) -> list[str]:
@@ -50,7 +41,8 @@ def _importtime_children(name: str) -> list[str]:
 def test_start_up_hook_imports_nothing():
     """The .pth hook is imported at start-up and imports no module of its own (no torch, peft or tucker_lora)."""
     assert _importtime_children("tucker_lora_hook") == []
-    out = _run("import sys; print(*(m in sys.modules for m in ('tucker_lora_hook', 'tucker_lora', 'peft', 'torch')))")
+    names = ("tucker_lora_hook", "tucker_lora", "peft", "torch")
+    out = run_python(f"import sys; print(*(m in sys.modules for m in {names!r}))")
     assert out.split() == ["True", "False", "False", "False"]
 
 
@@ -65,7 +57,7 @@ def test_adapter_loads_in_a_process_that_never_imports_tucker_lora(tmp_path):
     with torch.no_grad():
         save_file({"x": x, "y": model(x)}, tmp_path / "io.safetensors")
     model.save_pretrained(tmp_path / "adapter")
-    out = _run(
+    out = run_python(
         f"""
         import importlib.util, sys
         assert importlib.util.find_spec("peft") is not None
@@ -86,7 +78,7 @@ def test_adapter_loads_in_a_process_that_never_imports_tucker_lora(tmp_path):
 
 
 def test_a_failing_registration_warns_and_leaves_peft_importable():
-    out = _run(
+    out = run_python(
         """
         import sys, warnings
         sys.modules["tucker_lora"] = None  # makes `import tucker_lora` raise ImportError
@@ -128,6 +120,6 @@ def test_model_card_describes_the_adapter_and_its_two_line_load_works(tmp_path):
     check = (
         f"io = load_file({str(tmp_path / 'io.safetensors')!r})\nprint((model(io['x']) - io['y']).abs().max().item())\n"
     )
-    assert float(_run(prelude + code + check)) < 1e-6
+    assert float(run_python(prelude + code + check)) < 1e-6
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "TUCKER_LORA"
     assert load_file(tmp_path / "adapter" / "adapter_model.safetensors")

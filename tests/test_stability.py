@@ -49,28 +49,28 @@ def test_first_sgd_step_is_the_gradient_projected_onto_the_adapter():
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
     try:
-        from lr_stability import Holder, first_step
+        from lr_stability import first_step
     finally:
         sys.path.pop(0)
     torch.manual_seed(0)
-    base = Holder(torch.nn.Conv3d(6, 5, 3, padding=1))
+    base = torch.nn.Sequential(torch.nn.Conv3d(6, 5, 3, padding=1))
     x, target = torch.randn(2, 6, 3, 4, 4), torch.randn(2, 5, 3, 4, 4)
-    weight = base.layer.weight.detach().clone().requires_grad_(True)
-    G = torch.autograd.grad(((base.layer._conv_forward(x, weight, base.layer.bias) - target) ** 2).mean(), weight)[0]
+    weight = base[0].weight.detach().clone().requires_grad_(True)
+    G = torch.autograd.grad(((base[0]._conv_forward(x, weight, base[0].bias) - target) ** 2).mean(), weight)[0]
 
     def loss_fn(model):
         return ((model(x) - target) ** 2).mean()
 
     for config in (
-        TuckerLoraConfig(target_modules=["layer"], ranks=(3, 2, 2, 1, 2)),
-        LoraConfig(target_modules=["layer"], r=2, lora_alpha=2),
+        TuckerLoraConfig(target_modules=["0"], ranks=(3, 2, 2, 1, 2)),
+        LoraConfig(target_modules=["0"], r=2, lora_alpha=2),
     ):
 
         def make(config=config):
             torch.manual_seed(1)
             return get_peft_model(copy.deepcopy(base), copy.deepcopy(config))
 
-        layer = make().base_model.model.layer
+        layer = make().base_model.model[0]
         G64 = G.double()
         if isinstance(config, TuckerLoraConfig):
             with tl.backend_context("pytorch"):
