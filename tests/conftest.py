@@ -4,6 +4,10 @@ hypothesis profile."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,3 +50,16 @@ def toy() -> ToyVideoNet:
 @pytest.fixture
 def video() -> torch.Tensor:
     return torch.randn(2, 3, 4, 6, 6, generator=torch.Generator().manual_seed(1))
+
+
+def run_python(code: str) -> str:
+    """Run ``code`` (dedented) in a fresh interpreter in the tests folder (so it can import conftest); its stdout."""
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).parent,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout

@@ -2,28 +2,13 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import pytest
 import torch
 from peft import get_peft_model
 from safetensors.torch import save_file
 
-from conftest import TARGETS, ToyVideoNet
+from conftest import TARGETS, ToyVideoNet, run_python
 from tucker_lora import TuckerLoraConfig
-
-TESTS = Path(__file__).parent
-
-
-def _run(code: str) -> str:
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, cwd=TESTS, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr
-    return proc.stdout
 
 
 @pytest.mark.parametrize(
@@ -35,7 +20,7 @@ def _run(code: str) -> str:
     ],
 )
 def test_registration_survives_import_order(imports):
-    out = _run(
+    out = run_python(
         imports
         + """
         from peft import PeftType, get_peft_model, PeftConfig
@@ -59,7 +44,7 @@ def test_from_pretrained_in_fresh_process(tmp_path):
     pm = get_peft_model(base, TuckerLoraConfig(target_modules=TARGETS, init_weights=False, ranks=(3, 2, 0, 2, 1)))
     expected = pm(x)
     pm.save_pretrained(tmp_path / "adapter")
-    _run(
+    run_python(
         f"""
         import torch, tucker_lora
         from peft import PeftConfig, PeftModel

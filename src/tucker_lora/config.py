@@ -102,6 +102,14 @@ class TuckerLoraConfig(PeftConfig):
         if isinstance(self.exclude_modules, list):
             self.exclude_modules = set(self.exclude_modules)
 
+    def save_pretrained(self, save_directory: str, **kwargs) -> None:
+        """peft's ``adapter_config.json``, plus a model card (``README.md``) saying what the adapter is and how
+        to load it (``tucker_lora.card``)."""
+        from .card import write_model_card
+
+        super().save_pretrained(save_directory, **kwargs)
+        write_model_card(save_directory, self)
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str, subfolder: Optional[str] = None, **kwargs):
         """Load the config; for a local adapter folder, first check its weights file is intact.

@@ -1,10 +1,16 @@
 """``TuckerLoraLayer``: one adapter layer for ``nn.Linear`` and ``nn.Conv1d/2d/3d`` (and their subclasses).
 
 State per adapter ``a``: the core ``G`` (``tucker_lora_core[a]``), one factor ``U_n`` per trained mode
-(``tucker_lora_U_<n>[a]``, shape (dim_n, r_n)), ``alpha[a]`` and the resolved ranks. A kernel mode
+(``tucker_lora_U_<n>[a]``, shape (dim_n, r_n)), the configured ``tucker_lora_alpha[a]``, the scale the
+update is applied with, ``alpha[a] = s * tucker_lora_alpha[a]`` (``s = 1`` unless ``set_scale`` /
+``scale_layer`` say otherwise, as peft LoRA's ``scaling``), and the resolved ranks. A kernel mode
 configured with rank 0 is pinned: its factor is the constant centre-tap one-hot (not stored, not
 trained) and the core has size 1 there. Each call takes one of the compute paths described in
 docs/design.md ("Compute paths", "The cost model of auto").
+
+The adapter tensors are created in the base weight's floating dtype (initialised in float32 first), as
+peft LoRA's are; peft then upcasts float16 / bfloat16 adapters to float32 unless it is called with
+``autocast_adapter_dtype=False``.
 """
 
 from __future__ import annotations
@@ -71,6 +77,13 @@ def _entry(params: nn.ParameterDict, name: str) -> torch.Tensor:
     return params[name] if entry is None else entry
 
 
+def features(base_layer: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a Linear, ``(in_channels, out_channels)`` of a conv (all groups)."""
+    if isinstance(base_layer, nn.Linear):
+        return base_layer.in_features, base_layer.out_features
+    return base_layer.in_channels, base_layer.out_channels
+
+
 def _check_weight(weight: object, layer_name: str) -> None:
     """The base weight must be a plain floating-point tensor (quantised or lazy weights are refused by name)."""
     if not isinstance(weight, torch.Tensor):
@@ -86,7 +99,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
     """Wraps a frozen base layer and adds ``alpha * dW`` of each active Tucker adapter."""
 
     adapter_layer_names = ("tucker_lora_core",) + tuple(factor_attr(m) for m in MODES)
-    other_param_names = ("mode_ranks", "alpha", "tucker_lora_dropout", "_factor_sources")
+    other_param_names = ("mode_ranks", "alpha", "tucker_lora_alpha", "tucker_lora_dropout", "_factor_sources")
 
     def __init__(self, base_layer: nn.Module, adapter_name: str, layer_name: str = "", **kwargs: Any) -> None:
         super().__init__()
@@ -97,6 +110,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             )
         self.base_layer = base_layer
         self.layer_name = layer_name or type(base_layer).__name__
+        self.in_features, self.out_features = features(base_layer)
         self._plain = is_plain(base_layer)
         plain_conv = self._plain and not isinstance(base_layer, nn.Linear)
         self._geometry = ConvGeometry.of(base_layer) if plain_conv else None
@@ -110,7 +124,8 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         self.tucker_lora_dropout = nn.ModuleDict()
         self.mode_ranks: dict[str, ModeRanks] = {}
         self._centre_taps: dict[tuple[int, torch.device, torch.dtype], torch.Tensor] = {}
-        self.alpha: dict[str, float] = {}
+        self.tucker_lora_alpha: dict[str, float] = {}  # as configured
+        self.alpha: dict[str, float] = {}  # as applied: scale * tucker_lora_alpha
         self._disable_adapters = False
         self.merged_adapters: list[str] = []
         self._active_adapter = adapter_name
@@ -153,7 +168,7 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             (None if pinned else getattr(self, factor_attr(mode)), dim)
             for mode, dim, pinned in zip(mr.modes, mr.dims, mr.pinned, strict=True)
         ]
-        self.alpha[adapter_name] = float(alpha)
+        self.tucker_lora_alpha[adapter_name] = self.alpha[adapter_name] = float(alpha)
         self.tucker_lora_dropout[adapter_name] = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.tucker_lora_core[adapter_name] = nn.Parameter(torch.zeros(mr.ranks))
         for n in mr.trainable_modes:
@@ -162,10 +177,11 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         self.forward_mode = forward_mode
         frozen = tuple(factor_attr(m) for m, p in zip(mr.modes, mr.pinned, strict=True) if m in freeze_modes and not p)
         self.frozen_peft_weight_names = {**self.frozen_peft_weight_names, adapter_name: frozen}
-        for attr in self.adapter_layer_names:  # onto the base weight's device (empty-weight loading stays on meta)
+        # onto the base weight's device and floating dtype (empty-weight loading stays on meta)
+        for attr in self.adapter_layer_names:
             params = getattr(self, attr)
             if adapter_name in params and params[adapter_name].device.type != "meta":
-                params[adapter_name] = params[adapter_name].to(weight.device)
+                params[adapter_name] = params[adapter_name].to(weight.device, dtype=weight.dtype)
         self.set_adapter(self.active_adapters)
 
     @torch.no_grad()
@@ -226,6 +242,27 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         mr = self.mode_ranks[adapter_name]
         for n in mr.trainable_modes:
             getattr(self, factor_attr(mr.modes[n]))[adapter_name].copy_(factors[n])
+
+    # ------------------------------------------------------------------ scale (peft LoRA's API, used by diffusers)
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """Apply ``adapter`` as ``scale * tucker_lora_alpha * dW`` (diffusers' ``set_adapters`` weights)."""
+        if adapter in self.tucker_lora_alpha:
+            self.alpha[adapter] = float(scale) * self.tucker_lora_alpha[adapter]
+
+    def scale_layer(self, scale: float) -> None:
+        """Multiply the applied scale of every active adapter by ``scale``."""
+        if scale == 1:
+            return
+        for name in self._active():
+            self.alpha[name] *= scale
+
+    def unscale_layer(self, scale: Optional[float] = None) -> None:
+        """Undo ``scale_layer(scale)``; with ``None``, back to the configured ``tucker_lora_alpha``."""
+        for name in self._active():
+            if scale is None:
+                self.alpha[name] = self.tucker_lora_alpha[name]
+            else:
+                self.alpha[name] /= scale
 
     def factors(self, adapter_name: str) -> list[torch.Tensor]:
         """``[U_o, U_i, (U_t, U_h,) U_w]`` of the adapter, pinned modes as their centre-tap one-hot."""

@@ -12,6 +12,7 @@ from peft.tuners.tuners_utils import BaseTuner
 from peft.utils.other import get_pattern_key
 from torch import nn
 
+from . import diffusers_api
 from .config import TuckerLoraConfig
 from .decomposition import DECOMPOSITIONS
 from .init import init_from_weights
@@ -76,6 +77,7 @@ class TuckerLoraModel(BaseTuner):
         ``PeftModel.from_pretrained``, or ``low_cpu_mem_usage``).
         """
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        diffusers_api.install()  # a diffusers model's save_lora_adapter must know Tucker-LoRA adapters
         config = self.peft_config[adapter_name]
         low_cpu_mem_usage = kwargs.get("low_cpu_mem_usage", args[1] if len(args) > 1 else False)
         if config.init_weights in DECOMPOSITIONS and not config.inference_mode and not low_cpu_mem_usage:
