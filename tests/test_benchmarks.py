@@ -251,3 +251,32 @@ def test_bench_pair_split_times_exactly_the_base_convolutions(monkeypatch):
     assert all(0 < b < t for b, t in zip(result["base ops"][lycoris], result["times"][lycoris], strict=True))
     with pytest.raises(SystemExit, match="trains the base weight"):
         bench.main(["--shape", tiny, "--columns", "tucker auto", "full", "--rounds", "1", "--split"])
+
+
+def test_count_ops_counts_kernels_and_leaves_out_views_and_allocations():
+    """On a known op sequence the counter records each kernel-launching op once (in-place, copies and the backward
+    included) and none of the views, allocations and gradients stored without a kernel; peft LoRA's Conv3d adds
+    what its forward ``base(x) + lora_B(lora_A(x)) * scaling`` and that forward's backward issue, counted by hand."""
+    layers, count = _script("bench_layers"), _script("count_ops")
+    a, x = torch.randn(3, 4), torch.randn(3, requires_grad=True)
+    with count.counting() as counter:
+        b = a.t().t().view(12).view(3, 4).expand(2, 3, 4)  # views of a contiguous tensor
+        torch.empty(5), a.new_empty(2)  # allocations
+        c = torch.mm(a, a.t())  # mm
+        d = b[0] + c[0, 0]  # add
+        a.t().contiguous()  # clone
+        a.to(torch.float64).mul_(2)  # _to_copy, mul_
+        (x * d[0, :3]).sum().backward()  # mul, sum; backward: ones_like (the seed), sum's expand, mul: x's gradient
+    assert counter.ops == ["mm", "add", "clone", "_to_copy", "mul_", "mul", "sum", "ones_like", "mul"]
+    assert torch.equal(x.grad, d[0, :3])
+    columns = layers.build_columns(layers.TINY, (4, 4, 1, 1, 1), "cpu")
+    lora = next(m for name, m in columns.items() if name.startswith("peft LoRA"))
+    x = torch.randn(layers.TINY.input, requires_grad=True)
+    ops = count.count_column(lora, x, torch.randn(layers.TINY.input))
+    frozen = count.count_column(columns["frozen base"], x, torch.randn(layers.TINY.input))
+    assert frozen == {"train": ["convolution", "convolution_backward"], "infer": ["convolution"]}
+    assert count.added_ops(ops["infer"], frozen["infer"]) == {"convolution": 2, "mul": 1, "add": 1}
+    # backward: the scaling's mul, each LoRA conv's backward, the sum of the two input gradients
+    assert count.added_ops(ops["train"], frozen["train"]) == {
+        "convolution": 2, "mul": 2, "add": 2, "convolution_backward": 2,
+    }  # fmt: skip
