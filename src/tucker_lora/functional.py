@@ -147,11 +147,10 @@ def scratch_like(t: torch.Tensor) -> torch.Tensor | None:
     under ``torch.compile``).
 
     On the CPU a fresh weight-sized allocation comes from the OS page by page (about a page fault per 4 KiB,
-    each call): forming the merged weight in a fresh tensor cost 1.079x the frozen layer's inference on the
-    640-channel (3,1,1) conv, in this buffer 1.030x (``benchmarks/bench_pair.py``). The buffer holds the largest
-    merged weight formed so far (``release_scratch`` frees it). It is made a normal tensor even under
-    ``torch.inference_mode`` (an inference tensor could not be written once outside it). CUDA's caching
-    allocator already reuses its blocks.
+    each call); ``benchmarks/bench_pair.py`` (its ``fresh weight`` column) times what the buffer saves, and
+    ``docs/performance.md`` has the numbers. The buffer holds the largest merged weight formed so far
+    (``release_scratch`` frees it). It is made a normal tensor even under ``torch.inference_mode`` (an inference
+    tensor could not be written once outside it). CUDA's caching allocator already reuses its blocks.
     """
     if not _eager_on_cpu(t):
         return None
@@ -190,10 +189,10 @@ def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = Non
 
 
 #: The rank-r projection ``M x`` (M: r x C) of a (C, S) activation runs on one thread in MKL. Split along S into
-#: ``SPLIT_PER_THREAD`` blocks per thread, torch's batched matmul runs the blocks on every thread: 1.2x-1.7x faster
-#: on 2 threads from 2^18 elements up, slower below that or on one thread. The rank-r update ``out += M x``
-#: (M: C x r) split the same way (along the rows of out) was as often slower as faster, so it stays one ``addmm_``
-#: (``benchmarks/bench_skinny.py`` times both).
+#: ``SPLIT_PER_THREAD`` blocks per thread, torch's batched matmul runs the blocks on every thread: faster on 2 or
+#: more threads from ``SPLIT_MIN_NUMEL`` elements up, slower below that or on one thread. The rank-r update
+#: ``out += M x`` (M: C x r) split the same way gained nothing, so it stays one ``addmm_``. Both constants are set
+#: by ``benchmarks/bench_skinny.py``; its numbers are in ``docs/performance.md``.
 SPLIT_PER_THREAD = 4
 SPLIT_MIN_NUMEL = 1 << 18
 
@@ -459,9 +458,8 @@ def batched_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_{n, s} a[n, :, s] b[n, :, s]^T``: (N, A, *S), (N, B, *S) -> (A, B), with A wide and B a rank, as one
     (batched) matmul.
 
-    Computed as written, not as the transpose of ``b a^T``: on this CPU with the caches evicted before each call
-    (``benchmarks/bench_skinny.py --cold``), the transposed product took 1.3x-2.3x the time for one sample of
-    320-1280 channels, and 1.5x-1.8x for 8 samples of 256 positions (0.97x for 8 of 1024)."""
+    Computed as written, not as the transpose of ``b a^T``, which was slower on the CPU with cold caches
+    (``benchmarks/bench_skinny.py --cold``; numbers in ``docs/performance.md``)."""
     N, A, B = a.shape[0], a.shape[1], b.shape[1]
     if N == 1:
         return torch.mm(a.reshape(A, -1), b.reshape(B, -1).T)
@@ -505,16 +503,14 @@ def module_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: 
 
 # ---------------------------------------------------------------------------------------------- cost model
 #: ``choose_path`` takes the merged path when the weight has fewer entries than this factor times the input
-#: and output activations together, per device type and grad mode. On the CPU the merged weight goes into a
-#: reused buffer (``scratch_like``). Measured with ``benchmarks/bench_pair.py`` (merged / factored, paired over
-#: 120-200 rounds) on the 640-channel (3,1,1) conv with W / (x + y) = 0.47, 0.63, 0.94 and 1.9 (``--spatial``):
-#: in training both paths project x (``P`` is needed for the gradients), so merged trades the update of y for
-#: forming the weight: 1.001, 1.007, 1.013 at 0.47-0.94, factored ahead from about 0.5 (the factor stays at
-#: the older benchmark's 0.3). In inference merged skips the projection as well: 0.979 at 0.47, 0.998 and 0.999
-#: at 0.63 and 0.94, 1.010 at 1.9, hence 1.0.
-#: On CUDA (H100) the factored path was as fast or faster on every layer shape of the benchmark in two runs,
-#: in training and in inference: forming the merged weight is more ops to issue, and a step there is mostly
-#: the host issuing ops, so ``auto`` always takes the factored path.
+#: and output activations together, per device type and grad mode. Merged forms ``W + alpha dW`` (a read of W
+#: and a write of a weight-sized buffer; on the CPU a reused one, ``scratch_like``) where factored updates y in
+#: place (a read and a write of y); in training both project x (``P`` is needed for the gradients), in inference
+#: merged skips that projection too, so its crossing lies at a larger weight there. On CUDA a step is mostly
+#: the host issuing ops, and forming the merged weight is more of them: ``auto`` always takes the factored path
+#: there. Set by ``benchmarks/bench_pair.py`` (merged against factored, paired, ``--spatial`` moving the ratio
+#: W / (x + y)) on the CPU and by ``benchmarks/bench_layers.py`` on a GPU; the numbers are in
+#: ``docs/performance.md``.
 MERGED_WEIGHT_FACTOR = {"cpu": {"train": 0.3, "infer": 1.0}, "cuda": {"train": 0.0, "infer": 0.0}}
 
 
