@@ -280,3 +280,20 @@ def test_count_ops_counts_kernels_and_leaves_out_views_and_allocations():
     assert count.added_ops(ops["train"], frozen["train"]) == {
         "convolution": 2, "mul": 2, "add": 2, "convolution_backward": 2,
     }  # fmt: skip
+
+
+def test_fused_tucker_adds_no_more_ops_than_peft_lora():
+    """With the fused kernels (counted on the CPU under the Triton interpreter), a Tucker-LoRA Conv3d at the default
+    ranks adds no more kernel launches than peft LoRA's, per training step and per inference call."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("counted on the CPU, under the Triton interpreter (conftest.py sets it where there is no GPU)")
+    layers, count = _script("bench_layers"), _script("count_ops")
+    with count.triton_switch(True):
+        result = count.count_shape(layers.TINY, (4, 4, 1, 1, 1), triton=True)
+    rows = {row["method"].split(" r=")[0]: row for row in result["rows"]}
+    for key in ("train_added", "infer_added"):
+        assert rows["tucker factored"][key] <= rows["peft LoRA"][key], key
+        assert rows["tucker auto"][key] <= rows["peft LoRA"][key], key
+    launched = [op for op in rows["tucker factored"]["train_ops"] if op.startswith("triton:")]
+    assert len(launched) == 4  # the small kernel, the two passes, the kernel gradients
