@@ -68,6 +68,19 @@ def test_bench_layers_columns_are_layers_at_matched_budgets(shape):
         assert all(w.requires_grad == (name == "full fine-tuning") for w in weights), name
 
 
+def test_bench_layers_column_selection_and_fused_column():
+    """``only`` keeps the frozen base and the named columns (a baseline's rank suffix left out), and ``fused`` adds
+    the default Tucker layer wrapped to run with the fused kernels on, sharing the base weight."""
+    bench = _script("bench_layers")
+    columns = bench.build_columns(
+        bench.TINY, (4, 4, 1, 1, 1), "cpu", fused=True, only=["tucker auto", "peft LoRA", bench.FUSED]
+    )
+    assert [n.split(" r=")[0] for n in columns] == ["frozen base", "tucker auto", "peft LoRA", bench.FUSED]
+    fused = columns[bench.FUSED]
+    assert isinstance(fused.layer, TuckerLoraLayer) and fused.device_type == "cpu"
+    assert fused.layer.get_base_layer().weight.data_ptr() == columns["frozen base"].weight.data_ptr()
+
+
 def test_bench_layers_one_round_of_the_tiny_shape():
     """One round of the per-call row: every column timed, the frozen base as the floor, and the saved bytes
     ordered as the freeze_modes section says (U_i frozen keeps less than the frozen conv itself)."""
@@ -99,21 +112,24 @@ def test_bench_layers_median_of_runs_keeps_each_runs_ratio():
 
 
 def test_bench_unet_interleaved_pairs_each_step_with_the_frozen_one():
-    """The interleaved timing builds every method's UNet in one process and reports per-method medians and
-    paired ratios (the frozen one exactly 1); tucker's budget gives peft LoRA its matched rank."""
+    """The interleaved timing builds every method's UNet in one process and reports per-method medians, paired
+    ratios (the frozen one exactly 1) and the memory a step adds; Tucker's trainable count, read there, gives peft
+    LoRA its matched rank."""
     pytest.importorskip("diffusers")
     bench = _script("bench_unet")
     args = argparse.Namespace(
-        device="cpu", channels=[32, 64], frames=2, size=8, batch=1, warmup=0, rounds=1, autocast="none"
+        device="cpu", channels=[32, 64], frames=2, size=8, batch=1, warmup=1, rounds=1, autocast="none", compile=None
     )
     run = bench.Run(args, "tucker (4,4,1,1,1)", 0)
     budget = sum(p.numel() for p in run.params)
     assert budget > 0 and run.step() > 0
     torch.manual_seed(0)
-    result = bench.interleaved(args, budget)
+    result = bench.interleaved(args, None, bench.METHODS)
     assert list(result) == bench.METHODS
-    assert result["frozen"][1] == 1.0
-    assert all(step > 0 and ratio > 0 for step, ratio in result.values())
+    assert result["frozen"]["ratio"] == 1.0 and result["tucker (4,4,1,1,1)"]["trainable"] == budget
+    assert all(r["step_s"] > 0 and r["ratio"] > 0 and r["peak_added_mb"] >= 0 for r in result.values())
+    lora = bench.Run(args, "peft LoRA (matched)", budget)
+    assert result["peft LoRA (matched)"]["trainable"] == sum(p.numel() for p in lora.params)
 
 
 def test_bench_unet_methods_share_the_base_weights_but_full_fine_tuning():
@@ -121,7 +137,7 @@ def test_bench_unet_methods_share_the_base_weights_but_full_fine_tuning():
     full fine-tuning, whose optimiser steps them, with a copy of its own."""
     pytest.importorskip("diffusers")
     bench = _script("bench_unet")
-    args = argparse.Namespace(device="cpu", channels=[32, 64], frames=2, size=8, batch=1, autocast="none")
+    args = argparse.Namespace(device="cpu", channels=[32, 64], frames=2, size=8, batch=1, autocast="none", compile=None)
     base = bench.build_unet(args.channels)
     base_ptrs = {n: p.data_ptr() for n, p in base.named_parameters()}
     for method in bench.METHODS:
