@@ -30,6 +30,7 @@ of projections (``functional.split_blocks``) stays off, as on a GPU.
     python benchmarks/count_ops.py                       # default ranks and (8, 8, 3, 3, 3), every shape
     python benchmarks/count_ops.py --ranks 4 4 1 1 1 --only 0 --json counts.json
     TRITON_INTERPRET=1 python benchmarks/count_ops.py --triton   # the fused-kernel path, counted on the CPU
+    python benchmarks/count_ops.py --dtype bfloat16              # a bf16 model, its adapters in float32
 """
 
 from __future__ import annotations
@@ -158,16 +159,28 @@ def auto_path(module: nn.Module, x: torch.Tensor, grad: bool) -> str:
         return layer._choose_path(x, layer.get_base_layer(), layer._active())
 
 
-def count_shape(shape: bench_layers.Shape, ranks: tuple[int, ...], triton: bool = False) -> dict:
-    """Ops per column on one shape, and what each adds over the frozen base."""
+def count_shape(
+    shape: bench_layers.Shape, ranks: tuple[int, ...], triton: bool = False, dtype: torch.dtype = torch.float32
+) -> dict:
+    """Ops per column on one shape, and what each adds over the frozen base. ``dtype``: the base layer's weights and
+    the input in it, the adapters' parameters left in float32 (as peft keeps them for a half-precision model)."""
     columns = bench_layers.build_columns(shape, ranks, "cpu")
     del columns["full fine-tuning"]  # not an adapter
-    x = torch.randn(shape.input, requires_grad=True)
+    base = columns["frozen base"]
+    for p in base.parameters():  # every column computes with these very tensors (``sharing_copy``)
+        p.data = p.data.to(dtype)
+    x = torch.randn(shape.input, dtype=dtype, requires_grad=True)
     with torch.no_grad():
-        dy = torch.randn_like(columns["frozen base"](x))
-    counts = {name: count_column(module, x, dy, triton) for name, module in columns.items()}
+        dy = torch.randn_like(base(x))
+    counts = {}
+    for name, module in columns.items():
+        try:
+            counts[name] = count_column(module, x, dy, triton)
+        except RuntimeError as error:  # a method that cannot take this dtype mix
+            print(f"{shape.name}, {name}: {str(error).splitlines()[0]}", file=sys.stderr)
     frozen = counts["frozen base"]
     rows = []
+    columns = {name: columns[name] for name in counts}
     for name, ops in counts.items():
         row = {
             "method": name,
@@ -181,7 +194,7 @@ def count_shape(shape: bench_layers.Shape, ranks: tuple[int, ...], triton: bool 
         if name.startswith("tucker auto"):
             row["paths"] = {g: auto_path(columns[name], x, g == "train") for g in ("train", "infer")}
         rows.append(row)
-    return {"shape": shape.name, "ranks": list(ranks), "triton": triton, "rows": rows}
+    return {"shape": shape.name, "ranks": list(ranks), "triton": triton, "dtype": str(dtype), "rows": rows}
 
 
 def added_ops(ops: list[str], frozen: list[str]) -> dict[str, int]:
@@ -215,13 +228,17 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--only", type=int, nargs="*", help="indices of bench_layers.SHAPES to count")
     parser.add_argument("--triton", action="store_true", help="the fused Triton kernels on (TRITON_INTERPRET=1)")
     parser.add_argument("--ops", action="store_true", help="also list the ops each method adds")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="the base layer's and input's"
+    )
     parser.add_argument("--json", help="also write the counts to this file")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     ranks_list = [tuple(r) for r in args.ranks] if args.ranks else [(4, 4, 1, 1, 1), (8, 8, 3, 3, 3)]
     shapes = [bench_layers.SHAPES[i] for i in args.only] if args.only else bench_layers.SHAPES
     with triton_switch(args.triton):
-        results = [count_shape(shape, ranks, args.triton) for ranks in ranks_list for shape in shapes]
+        dtype = getattr(torch, args.dtype)
+        results = [count_shape(shape, ranks, args.triton, dtype) for ranks in ranks_list for shape in shapes]
     print(markdown(results))
     if args.ops:
         for result in results:

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -168,3 +170,37 @@ def test_fused_kernels_stay_off_by_default_and_under_deterministic_algorithms(la
         finally:
             torch.use_deterministic_algorithms(False)
     assert launches == []
+
+
+@pytest.mark.parametrize("precision", ["bf16-model", "bf16-autocast"])
+def test_fused_layer_in_low_precision_matches_the_torch_ops(precision):
+    """A bf16 base layer with float32 adapter parameters, or float32 under bf16 autocast: the fused kernels' output
+    and gradients (float32 where the parameters are) stay as close to a float64 reference as the torch ops'."""
+    torch.manual_seed(4)
+    base = nn.Conv3d(8, 6, 3, padding=1).to(DEVICE)
+    layer = _adapt(base, (3, 3, 1, 1, 1), "factored").to(DEVICE)
+    with torch.no_grad():
+        layer.tucker_lora_core["default"].normal_()
+    params = [p for n, p in layer.named_parameters() if "tucker_lora_" in n and p.requires_grad]
+    x = torch.randn(2, 8, 3, 5, 5, device=DEVICE)
+    ref_layer = _adapt(copy.deepcopy(base).double(), (3, 3, 1, 1, 1), "factored")  # float64, the same adapter
+    ref_layer.load_state_dict({k: v.double() for k, v in layer.state_dict().items()})
+    ref_params = [p for n, p in ref_layer.named_parameters() if "tucker_lora_" in n and p.requires_grad]
+    ref = ref_layer(x.double().requires_grad_(True))
+    dy = torch.randn_like(ref)
+    expected = torch.autograd.grad(ref, ref_params, dy)
+    if precision == "bf16-model":
+        layer.get_base_layer().to(torch.bfloat16)
+        x = x.bfloat16()
+    amp = torch.autocast(DEVICE, dtype=torch.bfloat16, enabled=precision == "bf16-autocast")
+    errors = {}
+    for fused in ((), (DEVICE,)):
+        with functional.fused_kernels(*fused), amp:
+            y = layer(x)
+        grads = torch.autograd.grad(y, params, dy.to(y.dtype))
+        assert y.dtype == torch.bfloat16 and all(g.dtype == torch.float32 for g in grads)
+        errors[bool(fused)] = [
+            ((a.double() - b).norm() / b.norm()).item() for a, b in zip([y, *grads], [ref, *expected], strict=True)
+        ]
+    for torch_ops, fused in zip(errors[False], errors[True], strict=True):
+        assert fused < max(2 * torch_ops, 1e-2), errors

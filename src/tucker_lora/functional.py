@@ -112,7 +112,7 @@ def kron_grads(
 def _kernel_times_U_i(K: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
     """``K x_2 U_i`` as (r_o, I * k): one bmm of U_i (I, r_i) with each K[a] (r_i, k)."""
     r_o, r_i = K.shape[:2]
-    KI = torch.bmm(U_i.expand(r_o, -1, -1), K.reshape(r_o, r_i, -1))  # (r_o, I, k)
+    KI = torch.bmm(_as(U_i, K.dtype).expand(r_o, -1, -1), K.reshape(r_o, r_i, -1))  # (r_o, I, k)
     return KI.reshape(r_o, -1)
 
 
@@ -178,11 +178,18 @@ def fused_kernels(*device_types: str) -> Iterator[None]:
         FUSED_KERNELS = saved
 
 
-def adapter_kernel(core: torch.Tensor, kernel: Sequence[torch.Tensor], alpha: float, fused: bool) -> torch.Tensor:
-    """``alpha K`` (r_o, r_i, k...): one fused launch, or ``scaled_kernel``'s products."""
-    if fused:
-        return _triton_kernels().small_kernel(core, kernel, alpha)
+def adapter_kernel(core: torch.Tensor, kernel: Sequence[torch.Tensor], alpha: float, x: torch.Tensor) -> torch.Tensor:
+    """``alpha K`` (r_o, r_i, k...) for a call on ``x``: one fused launch (``fused_kernels_on``), written in the dtype
+    the convolutions run in, or ``scaled_kernel``'s products in the core's."""
+    if fused_kernels_on(x):
+        return _triton_kernels().small_kernel(core, kernel, alpha, dtype=compute_dtype(x))
     return scaled_kernel(core, kernel, alpha)[0]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` runs in: autocast's for a float32 x where it is on, else x's."""
+    enabled, dtype = autocast_state(x.device.type)
+    return dtype if enabled and x.dtype == torch.float32 else x.dtype
 
 
 class _Scratch(threading.local):
@@ -437,7 +444,8 @@ class AdaptedConv(torch.autograd.Function):
             fused = _triton_kernels()
             acc_o = fused.accumulator(*U_o.shape, x) if need_U_o else None
             acc_i = fused.accumulator(*U_i.shape, x) if need_U_i else None
-            Ka, chain = fused.small_kernel(core, kernel, alpha, zero=[a for a in (acc_o, acc_i) if a is not None]), []
+            zero = [a for a in (acc_o, acc_i) if a is not None]
+            Ka, chain = fused.small_kernel(core, kernel, alpha, zero, dtype=compute_dtype(x)), []
         else:
             Ka, chain = scaled_kernel(core, kernel, alpha)
         ctx.n_kernel, ctx.passes_done = len(kernel), False
@@ -584,7 +592,7 @@ def adapted_conv(
     ):
         y = AdaptedConv.apply(x, base.weight, base.bias, geometry, alpha, merge, core, *factors)
     else:
-        Ka, U_o, U_i = adapter_kernel(core, factors[2:], alpha, fused_kernels_on(x)), factors[0], factors[1]
+        Ka, U_o, U_i = adapter_kernel(core, factors[2:], alpha, x), factors[0], factors[1]
         if merge:
             y = _merged_output(x, base.weight, base.bias, geometry, Ka, U_o, U_i)
         else:

@@ -121,12 +121,17 @@ def _three_modes(kernel: Sequence[torch.Tensor], core: torch.Tensor) -> tuple[li
 
 
 def small_kernel(
-    core: torch.Tensor, kernel: Sequence[torch.Tensor], alpha: float, zero: Sequence[torch.Tensor] = ()
+    core: torch.Tensor,
+    kernel: Sequence[torch.Tensor],
+    alpha: float,
+    zero: Sequence[torch.Tensor] = (),
+    dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """``alpha K`` (r_o, r_i, k...) in the core's dtype, and every tensor of ``zero`` (at most two, contiguous)
-    set to 0 by the same launch."""
+    """``alpha K`` (r_o, r_i, k...) in ``dtype`` (by default the core's; summed in float32 or float64 either way),
+    and every tensor of ``zero`` (at most two, contiguous) set to 0 by the same launch."""
     U, dims = _three_modes(kernel, core)
-    out = torch.empty(*core.shape[:2], *(u.shape[0] for u in kernel), device=core.device, dtype=core.dtype)
+    shape = (*core.shape[:2], *(u.shape[0] for u in kernel))
+    out = torch.empty(shape, device=core.device, dtype=dtype or core.dtype)
     n_zero = [z.numel() for z in zero] + [0] * (2 - len(zero))
     zero = list(zero) + [out] * (2 - len(zero))  # a placeholder where there is nothing to zero
     launch(
