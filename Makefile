@@ -11,10 +11,11 @@ $(BIN)/python:
 	$(PY) -m venv $(VENV)
 
 # torch first (pinned to TORCH_VERSION; `make TORCH_VERSION=... test` to change it), then the project with its extras
+# (triton too: the fused kernels' tests run under its interpreter)
 $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
-	$(BIN)/python -m pip install -q -e ".[video,dev,bench]"
+	$(BIN)/python -m pip install -q -e ".[video,dev,bench,triton]"
 	touch $(STAMP)
 
 venv: $(STAMP)

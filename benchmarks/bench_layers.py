@@ -18,6 +18,8 @@ Baselines get the trainable parameter count nearest to Tucker's: peft LoRA rank 
     python benchmarks/bench_layers.py --full-size    # the full-size layers (GPU)
     python benchmarks/bench_layers.py --device cuda --full-size --json out.json
     python benchmarks/bench_layers.py --compile reduce-overhead   # every column under torch.compile
+    python benchmarks/bench_layers.py --device cuda --full-size --fused   # a column with the fused Triton kernels
+    python benchmarks/bench_layers.py --columns "tucker auto" "peft LoRA"  # some columns (and the frozen base)
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ import torch
 from peft import LoraConfig, get_peft_model
 from torch import nn
 
-from tucker_lora import TuckerLoraConfig
+from tucker_lora import TuckerLoraConfig, functional
 from tucker_lora.testing import saved_activation_bytes, sharing_copy
 from tucker_lora.video.metrics import peak_memory_added
 
@@ -94,8 +96,28 @@ def adapted_layer(base: nn.Module, config) -> nn.Module:
     return get_peft_model(nn.Sequential(sharing_copy(base)), config).base_model.model[0]
 
 
-def build_columns(shape: Shape, ranks: tuple[int, ...], device: str) -> dict[str, nn.Module]:
-    """Every method on the same base layer (its weight shared, ``sharing_copy``), on ``device``."""
+class Fused(nn.Module):
+    """A Tucker column with the fused Triton kernels on for its calls (``functional.fused_kernels``): each forward
+    decides, and the backward of that call follows it."""
+
+    def __init__(self, layer: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.layer, self.device_type = layer, device_type
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with functional.fused_kernels(self.device_type):
+            return self.layer(x)
+
+
+FUSED = "tucker auto, fused"
+
+
+def build_columns(
+    shape: Shape, ranks: tuple[int, ...], device: str, fused: bool = False, only: list[str] | None = None
+) -> dict[str, nn.Module]:
+    """Every method on the same base layer (its weight shared, ``sharing_copy``), on ``device``; with ``fused``,
+    also ``tucker auto`` with the fused Triton kernels; ``only``: the frozen base and the columns of these names
+    (a baseline's `` r=N`` left out)."""
     torch.manual_seed(0)
     base = shape.conv().to(device).requires_grad_(False)
     columns: dict[str, nn.Module] = {"frozen base": base}
@@ -126,6 +148,11 @@ def build_columns(shape: Shape, ranks: tuple[int, ...], device: str) -> dict[str
     for name, t in base.named_parameters():
         setattr(full, name, nn.Parameter(t.detach()))
     columns["full fine-tuning"] = full
+    if fused:
+        cfg = TuckerLoraConfig(target_modules=["0"], ranks=ranks, init_weights=False)
+        columns[FUSED] = Fused(adapted_layer(base, cfg), torch.device(device).type)
+    if only:
+        columns = {n: m for n, m in columns.items() if n == "frozen base" or n.split(" r=")[0] in only}
     return columns
 
 
@@ -182,11 +209,14 @@ def bench_shape(
     peaks_only: bool = False,
     peaks_elsewhere: Callable[[], dict[str, float]] | None = None,
     compile_mode: str | None = None,
+    fused: bool = False,
+    only: list[str] | None = None,
 ) -> dict:
     """Times, saved bytes and peaks of every column on one shape (``peaks_only``: just ``{column: peak MB}``).
     ``peaks_elsewhere`` gives the peaks from another process (CPU: measured under a malloc setting that
-    would distort the timings)."""
-    columns = build_columns(shape, ranks, device)
+    would distort the timings). ``fused`` and ``only``: as ``build_columns`` (no fused column when compiling: a
+    compiled graph does not run them)."""
+    columns = build_columns(shape, ranks, device, fused=fused and not compile_mode, only=only)
     amp = (
         torch.autocast(device.split(":")[0], dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[autocast]))
         if autocast != "none"
@@ -198,6 +228,8 @@ def bench_shape(
     with torch.no_grad():
         dy = torch.randn_like(call(columns["frozen base"], x))
     timed = {n: compiled(m, compile_mode) for n, m in columns.items()} if compile_mode else columns
+    # CUDA graphs reuse their output buffers: each call starts a new step, so the last one's outputs may be overwritten
+    new_step = torch.compiler.cudagraph_mark_step_begin if compile_mode == "reduce-overhead" else lambda: None
     train: dict[str, list[float]] = {name: [] for name in columns}
     infer: dict[str, list[float]] = {name: [] for name in columns}
     order = random.Random(0)
@@ -209,10 +241,12 @@ def bench_shape(
             sync(device)
             t0 = time.perf_counter()
             with amp:
+                new_step()
                 train_step(module, x, dy)
             sync(device)
             t1 = time.perf_counter()
             with torch.no_grad(), amp:
+                new_step()
                 call(module, x)
             sync(device)
             t2 = time.perf_counter()
@@ -228,6 +262,7 @@ def bench_shape(
             t0 = time.perf_counter()
             with amp:
                 for _ in range(repeats):
+                    new_step()
                     train_step(module, x, dy)
                     module.zero_grad(set_to_none=True)
                     x.grad = None
@@ -345,7 +380,8 @@ def peaks_in_child(args: argparse.Namespace, index: int) -> Callable[[], dict[st
     def run() -> dict[str, float]:
         cmd = [sys.executable, __file__, "--peaks-only", "--only", str(index), "--device", args.device]
         cmd += ["--ranks", *map(str, args.ranks), "--autocast", args.autocast]
-        cmd += ["--full-size"] * args.full_size
+        cmd += ["--full-size"] * args.full_size + ["--fused"] * args.fused
+        cmd += ["--columns", *args.columns] if args.columns else []
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "131072"}
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
         return json.loads(out.strip().splitlines()[-1])
@@ -369,9 +405,13 @@ def main() -> None:
         "--compile",
         nargs="?",
         const="default",
-        choices=("default", "reduce-overhead", "max-autotune"),
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
         help="time every column under torch.compile (mode; reduce-overhead adds CUDA graphs on a GPU); the first "
         "--warmup rounds include the compilation",
+    )
+    parser.add_argument("--fused", action="store_true", help=f"add the column {FUSED!r} (CUDA, triton)")
+    parser.add_argument(
+        "--columns", nargs="+", help="only the frozen base and these columns (names as printed, without ' r=N')"
     )
     parser.add_argument("--peaks-only", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -386,6 +426,8 @@ def main() -> None:
         warmup=args.warmup,
         autocast=args.autocast,
         compile_mode=args.compile,
+        fused=args.fused,
+        only=args.columns,
     )
     if args.peaks_only:
         (index,) = indices
@@ -406,8 +448,13 @@ def main() -> None:
             result = bench(shapes[index], peaks_elsewhere=elsewhere)
             results.append(result)
             print(markdown(result), "\n", flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
+            write_json(args.json, results)  # after every shape: a run stopped part-way keeps what it measured
+    write_json(args.json, results)
+
+
+def write_json(path: str | None, results: list[dict]) -> None:
+    if path:
+        with open(path, "w") as f:
             json.dump(results, f, indent=2)
 
 

@@ -11,6 +11,11 @@ with ``requires_grad_``), nothing trained.
 
     python benchmarks/bench_unet.py                     # CPU-sized UNet (see --channels)
     python benchmarks/bench_unet.py --device cuda --channels 320 640 1280 1280 --frames 16 --size 32
+    python benchmarks/bench_unet.py --device cuda --channels 320 640 1280 1280 --frames 16 --size 32 --in-process \
+        --fused --autocast bf16 --json unet.json   # one process: no peaks of each method alone, the peak each step adds
+
+``--in-process`` skips the per-method processes (each builds its own model: slow at full size) and reports, from
+the interleaved process, the most memory a step of each method adds over what is in use before it.
 """
 
 from __future__ import annotations
@@ -27,10 +32,13 @@ import time
 
 import torch
 
+from tucker_lora import functional
 from tucker_lora.testing import sharing_copy
-from tucker_lora.video.metrics import peak_memory_mb
+from tucker_lora.video.metrics import peak_memory_added, peak_memory_mb
 
 METHODS = ["frozen", "tucker (4,4,1,1,1)", "tucker (8,8,3,1,1)", "peft LoRA (matched)", "full fine-tuning"]
+#: ``--fused``: Tucker at the default ranks with the fused Triton kernels (``functional.fused_kernels``).
+FUSED = "tucker (4,4,1,1,1), fused"
 TARGETS = r".*(temp_convs\.\d+\.conv(1\.2|\d\.3)|resnets\.\d+\.conv\d)"
 
 
@@ -97,6 +105,10 @@ class Run:
             if args.autocast != "none"
             else contextlib.nullcontext()
         )
+        self.forward = torch.compile(self.model, mode=args.compile) if args.compile else self.model
+        self.new_step = torch.compiler.cudagraph_mark_step_begin if args.compile == "reduce-overhead" else lambda: None
+        device_type = device.split(":")[0]
+        self.fused = (lambda: functional.fused_kernels(device_type)) if method == FUSED else contextlib.nullcontext
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(self.params, lr=1e-4) if self.params else None
         g = torch.Generator().manual_seed(0)
@@ -113,9 +125,10 @@ class Run:
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         noisy = (0.7 * self.latents + 0.7 * self.noise).detach().requires_grad_(True)
-        with self.amp:
-            pred = self.model(noisy, self.t, encoder_hidden_states=self.text).sample
-        torch.nn.functional.mse_loss(pred.float(), self.noise).backward()
+        self.new_step()
+        with self.amp, self.fused():
+            pred = self.forward(noisy, self.t, encoder_hidden_states=self.text).sample
+            torch.nn.functional.mse_loss(pred.float(), self.noise).backward()
         if self.opt is not None:
             self.opt.step()
             self.opt.zero_grad(set_to_none=True)
@@ -147,29 +160,45 @@ def base_copy(base, method: str):
     return copy.deepcopy(base) if method == "full fine-tuning" else sharing_copy(base)
 
 
-def interleaved(args: argparse.Namespace, budget: int) -> dict[str, tuple[float, float]]:
+def interleaved(args: argparse.Namespace, budget: int | None, methods: list[str]) -> dict[str, dict]:
     """Every method's model in this one process, ``--rounds`` rounds of one step each in a new random order:
-    ``{method: (median step s, median over rounds of step / frozen step in the same round)}``. Pairing each
+    ``{method: {"trainable", "step_s": median step, "ratio": median over rounds of step / frozen step in the same
+    round, "peak_added_mb": what the last warm-up step added over the memory in use before it}}``. Pairing each
     step with the frozen one a few seconds apart cancels the machine's drift, which separate processes do not.
     The frozen, Tucker and LoRA models share one set of base weights (``sharing_copy``): separate copies of one
     model differ in speed by where their weights land in memory. Full fine-tuning, which trains them, has its own.
+    ``budget`` None: Tucker (4,4,1,1,1)'s trainable count, read from its model here, sets LoRA's rank.
     """
     with torch.device(args.device):
         base = build_unet(args.channels)
-    runs = {m: Run(args, m, budget, base_copy(base, m)) for m in METHODS}
-    for run in runs.values():
-        for _ in range(args.warmup):
-            run.step()
-    times: dict[str, list[float]] = {m: [] for m in METHODS}
+    runs: dict[str, Run] = {}
+    for m in sorted(methods, key=lambda m: m != "tucker (4,4,1,1,1)"):  # Tucker's count is LoRA's budget
+        runs[m] = Run(args, m, budget or 0, base_copy(base, m))
+        if budget is None and m == "tucker (4,4,1,1,1)":
+            budget = sum(p.numel() for p in runs[m].params)
+    peaks = {}
+    for m, run in runs.items():
+        for i in range(args.warmup):
+            with (
+                peak_memory_added(torch.device(args.device)) if i == args.warmup - 1 else contextlib.nullcontext() as p
+            ):
+                run.step()
+            peaks[m] = p["peak_mb"] if p is not None else float("nan")
+    times: dict[str, list[float]] = {m: [] for m in methods}
     order = random.Random(0)
     for _ in range(args.rounds):
-        names = list(METHODS)
+        names = list(methods)
         order.shuffle(names)
         for m in names:
             times[m].append(runs[m].step())
     floor = times["frozen"]
     return {
-        m: (statistics.median(ts), statistics.median(t / f for t, f in zip(ts, floor, strict=True)))
+        m: {
+            "trainable": sum(p.numel() for p in runs[m].params),
+            "step_s": statistics.median(ts),
+            "ratio": statistics.median(t / f for t, f in zip(ts, floor, strict=True)),
+            "peak_added_mb": peaks.get(m, float("nan")),
+        }
         for m, ts in times.items()
     }
 
@@ -190,42 +219,70 @@ def main() -> None:
         default=5,
         help="rounds of the interleaved timing, every method in one process (0: each process's own timing)",
     )
+    parser.add_argument("--in-process", action="store_true", help="no process per method (see the docstring)")
+    parser.add_argument("--fused", action="store_true", help=f"add the method {FUSED!r} (CUDA, triton)")
+    parser.add_argument("--methods", nargs="+", help="only these methods (and the frozen floor)")
+    parser.add_argument(
+        "--compile", choices=("default", "reduce-overhead", "max-autotune-no-cudagraphs"), help="torch.compile mode"
+    )
+    parser.add_argument("--json", help="also write the rows to this file")
     parser.add_argument("--method", help=argparse.SUPPRESS)
     parser.add_argument("--budget", type=int, default=0, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
         worker(args)
         return
+    methods = METHODS + [FUSED] * args.fused
+    if args.methods:
+        methods = ["frozen"] + [m for m in methods if m != "frozen" and m in args.methods]
 
     common = [
         "--device", args.device, "--channels", *map(str, args.channels), "--frames", str(args.frames),
         "--size", str(args.size), "--batch", str(args.batch), "--steps", str(args.steps), "--warmup", str(args.warmup),
         "--autocast", args.autocast,
-    ]  # fmt: skip
+    ] + (["--compile", args.compile] if args.compile else [])  # fmt: skip
     print(f"UNet3DConditionModel channels={args.channels} latents {args.frames}x{args.size}x{args.size} "
           f"batch={args.batch} device={args.device} threads={torch.get_num_threads()} "
-          f"autocast={args.autocast}")  # fmt: skip
-    rows, budget = [], 0
-    for method in METHODS:  # peaks (and a first timing) each in its own process
-        cmd = [sys.executable, __file__, *common, "--method", method, "--budget", str(budget)]
-        out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1]
-        row = json.loads(out)
-        print(out, flush=True)
-        rows.append(row)
-        if method == "tucker (4,4,1,1,1)":
-            budget = row["trainable"]
-    if args.rounds:
-        paired = interleaved(args, budget)
-        print(json.dumps({"interleaved": paired, "rounds": args.rounds}), flush=True)
-        head = f"step (s), median of {args.rounds} | step / frozen, paired"
+          f"autocast={args.autocast} compile={args.compile}")  # fmt: skip
+    if args.in_process:
+        paired = interleaved(args, None, methods)
+        rows = [{"method": m, **paired[m]} for m in methods]
+        head, peak = f"step (s), median of {args.rounds} | step / frozen, paired", "peak added by a step (MB)"
     else:
-        paired = {r["method"]: (r["step_s"], r["step_s"] / rows[0]["step_s"]) for r in rows}
-        head = "step (s) | step / frozen"
-    print(f"| method | trainable params | {head} | peak memory (MB) |")
-    print("|---|---:|---:|---:|---:|")
-    for r in rows:
-        step, ratio = paired[r["method"]]
-        print(f"| {r['method']} | {r['trainable']:,} | {step:.3f} | {ratio:.2f}x | {r['peak_mb']:.0f} |")
+        rows, budget = [], 0
+        for method in methods:  # peaks (and a first timing) each in its own process
+            cmd = [sys.executable, __file__, *common, "--method", method, "--budget", str(budget)]
+            out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True).stdout.strip().splitlines()[-1]
+            row = json.loads(out)
+            print(out, flush=True)
+            rows.append(row)
+            if method == "tucker (4,4,1,1,1)":
+                budget = row["trainable"]
+        peak = "peak memory (MB)"
+        if args.rounds:
+            paired = interleaved(args, budget, methods)
+            print(json.dumps({"interleaved": paired, "rounds": args.rounds}), flush=True)
+            head = f"step (s), median of {args.rounds} | step / frozen, paired"
+            for r in rows:
+                r["step_s"], r["ratio"] = paired[r["method"]]["step_s"], paired[r["method"]]["ratio"]
+        else:
+            head = "step (s) | step / frozen"
+            for r in rows:
+                r["ratio"] = r["step_s"] / rows[0]["step_s"]
+    result = {"config": vars(args), "head": head, "peak": peak, "rows": rows}
+    print(markdown(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+def markdown(result: dict) -> str:
+    """The table of a run (``main``'s result, as written by ``--json``)."""
+    lines = [f"| method | trainable params | {result['head']} | {result['peak']} |", "|---|---:|---:|---:|---:|"]
+    for r in result["rows"]:
+        mb = r.get("peak_mb", r.get("peak_added_mb"))
+        lines.append(f"| {r['method']} | {r['trainable']:,} | {r['step_s']:.3f} | {r['ratio']:.2f}x | {mb:.0f} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

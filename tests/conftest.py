@@ -20,6 +20,11 @@ settings.register_profile("ci", derandomize=True)
 settings.register_profile("explore", derandomize=False)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
+# Without a GPU the fused Triton kernels (tests/test_fused_kernels.py) run under Triton's interpreter, which must be
+# chosen before triton is first imported (triton.language's own functions are decorated then).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 
 class ToyVideoNet(nn.Module):
     """Conv3d -> per-frame Conv2d -> Linear head; small enough for many lifecycle tests."""

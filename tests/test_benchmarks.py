@@ -68,6 +68,19 @@ def test_bench_layers_columns_are_layers_at_matched_budgets(shape):
         assert all(w.requires_grad == (name == "full fine-tuning") for w in weights), name
 
 
+def test_bench_layers_column_selection_and_fused_column():
+    """``only`` keeps the frozen base and the named columns (a baseline's rank suffix left out), and ``fused`` adds
+    the default Tucker layer wrapped to run with the fused kernels on, sharing the base weight."""
+    bench = _script("bench_layers")
+    columns = bench.build_columns(
+        bench.TINY, (4, 4, 1, 1, 1), "cpu", fused=True, only=["tucker auto", "peft LoRA", bench.FUSED]
+    )
+    assert [n.split(" r=")[0] for n in columns] == ["frozen base", "tucker auto", "peft LoRA", bench.FUSED]
+    fused = columns[bench.FUSED]
+    assert isinstance(fused.layer, TuckerLoraLayer) and fused.device_type == "cpu"
+    assert fused.layer.get_base_layer().weight.data_ptr() == columns["frozen base"].weight.data_ptr()
+
+
 def test_bench_layers_one_round_of_the_tiny_shape():
     """One round of the per-call row: every column timed, the frozen base as the floor, and the saved bytes
     ordered as the freeze_modes section says (U_i frozen keeps less than the frozen conv itself)."""
@@ -99,21 +112,24 @@ def test_bench_layers_median_of_runs_keeps_each_runs_ratio():
 
 
 def test_bench_unet_interleaved_pairs_each_step_with_the_frozen_one():
-    """The interleaved timing builds every method's UNet in one process and reports per-method medians and
-    paired ratios (the frozen one exactly 1); tucker's budget gives peft LoRA its matched rank."""
+    """The interleaved timing builds every method's UNet in one process and reports per-method medians, paired
+    ratios (the frozen one exactly 1) and the memory a step adds; Tucker's trainable count, read there, gives peft
+    LoRA its matched rank."""
     pytest.importorskip("diffusers")
     bench = _script("bench_unet")
     args = argparse.Namespace(
-        device="cpu", channels=[32, 64], frames=2, size=8, batch=1, warmup=0, rounds=1, autocast="none"
+        device="cpu", channels=[32, 64], frames=2, size=8, batch=1, warmup=1, rounds=1, autocast="none", compile=None
     )
     run = bench.Run(args, "tucker (4,4,1,1,1)", 0)
     budget = sum(p.numel() for p in run.params)
     assert budget > 0 and run.step() > 0
     torch.manual_seed(0)
-    result = bench.interleaved(args, budget)
+    result = bench.interleaved(args, None, bench.METHODS)
     assert list(result) == bench.METHODS
-    assert result["frozen"][1] == 1.0
-    assert all(step > 0 and ratio > 0 for step, ratio in result.values())
+    assert result["frozen"]["ratio"] == 1.0 and result["tucker (4,4,1,1,1)"]["trainable"] == budget
+    assert all(r["step_s"] > 0 and r["ratio"] > 0 and r["peak_added_mb"] >= 0 for r in result.values())
+    lora = bench.Run(args, "peft LoRA (matched)", budget)
+    assert result["peft LoRA (matched)"]["trainable"] == sum(p.numel() for p in lora.params)
 
 
 def test_bench_unet_methods_share_the_base_weights_but_full_fine_tuning():
@@ -121,7 +137,7 @@ def test_bench_unet_methods_share_the_base_weights_but_full_fine_tuning():
     full fine-tuning, whose optimiser steps them, with a copy of its own."""
     pytest.importorskip("diffusers")
     bench = _script("bench_unet")
-    args = argparse.Namespace(device="cpu", channels=[32, 64], frames=2, size=8, batch=1, autocast="none")
+    args = argparse.Namespace(device="cpu", channels=[32, 64], frames=2, size=8, batch=1, autocast="none", compile=None)
     base = bench.build_unet(args.channels)
     base_ptrs = {n: p.data_ptr() for n, p in base.named_parameters()}
     for method in bench.METHODS:
@@ -251,3 +267,49 @@ def test_bench_pair_split_times_exactly_the_base_convolutions(monkeypatch):
     assert all(0 < b < t for b, t in zip(result["base ops"][lycoris], result["times"][lycoris], strict=True))
     with pytest.raises(SystemExit, match="trains the base weight"):
         bench.main(["--shape", tiny, "--columns", "tucker auto", "full", "--rounds", "1", "--split"])
+
+
+def test_count_ops_counts_kernels_and_leaves_out_views_and_allocations():
+    """On a known op sequence the counter records each kernel-launching op once (in-place, copies and the backward
+    included) and none of the views, allocations and gradients stored without a kernel; peft LoRA's Conv3d adds
+    what its forward ``base(x) + lora_B(lora_A(x)) * scaling`` and that forward's backward issue, counted by hand."""
+    layers, count = _script("bench_layers"), _script("count_ops")
+    a, x = torch.randn(3, 4), torch.randn(3, requires_grad=True)
+    with count.counting() as counter:
+        b = a.t().t().view(12).view(3, 4).expand(2, 3, 4)  # views of a contiguous tensor
+        torch.empty(5), a.new_empty(2)  # allocations
+        c = torch.mm(a, a.t())  # mm
+        d = b[0] + c[0, 0]  # add
+        a.t().contiguous()  # clone
+        a.to(torch.float64).mul_(2)  # _to_copy, mul_
+        (x * d[0, :3]).sum().backward()  # mul, sum; backward: ones_like (the seed), sum's expand, mul: x's gradient
+    assert counter.ops == ["mm", "add", "clone", "_to_copy", "mul_", "mul", "sum", "ones_like", "mul"]
+    assert torch.equal(x.grad, d[0, :3])
+    columns = layers.build_columns(layers.TINY, (4, 4, 1, 1, 1), "cpu")
+    lora = next(m for name, m in columns.items() if name.startswith("peft LoRA"))
+    x = torch.randn(layers.TINY.input, requires_grad=True)
+    ops = count.count_column(lora, x, torch.randn(layers.TINY.input))
+    frozen = count.count_column(columns["frozen base"], x, torch.randn(layers.TINY.input))
+    assert frozen == {"train": ["convolution", "convolution_backward"], "infer": ["convolution"]}
+    assert count.added_ops(ops["infer"], frozen["infer"]) == {"convolution": 2, "mul": 1, "add": 1}
+    # backward: the scaling's mul, each LoRA conv's backward, the sum of the two input gradients
+    assert count.added_ops(ops["train"], frozen["train"]) == {
+        "convolution": 2, "mul": 2, "add": 2, "convolution_backward": 2,
+    }  # fmt: skip
+
+
+def test_fused_tucker_adds_no_more_ops_than_peft_lora():
+    """With the fused kernels (counted on the CPU under the Triton interpreter), a Tucker-LoRA Conv3d at the default
+    ranks adds no more kernel launches than peft LoRA's, per training step and per inference call."""
+    pytest.importorskip("triton")
+    if torch.cuda.is_available():
+        pytest.skip("counted on the CPU, under the Triton interpreter (conftest.py sets it where there is no GPU)")
+    layers, count = _script("bench_layers"), _script("count_ops")
+    with count.triton_switch(True):
+        result = count.count_shape(layers.TINY, (4, 4, 1, 1, 1), triton=True)
+    rows = {row["method"].split(" r=")[0]: row for row in result["rows"]}
+    for key in ("train_added", "infer_added"):
+        assert rows["tucker factored"][key] <= rows["peft LoRA"][key], key
+        assert rows["tucker auto"][key] <= rows["peft LoRA"][key], key
+    launched = [op for op in rows["tucker factored"]["train_ops"] if op.startswith("triton:")]
+    assert len(launched) == 4  # the small kernel, the two passes, the kernel gradients

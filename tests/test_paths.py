@@ -21,8 +21,8 @@ from tucker_lora.testing import saved_activation_bytes
 from tucker_lora.tucker import reconstruct
 
 MODES = ["factored", "merged", "auto"]
-#: CUDA runs the same checks when present (on a GPU machine); CI has only the CPU.
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+#: CUDA runs the same checks when present (on a GPU machine: ``pytest -m cuda``); CI has only the CPU.
+DEVICES = ["cpu"] + ([pytest.param("cuda", marks=pytest.mark.cuda)] if torch.cuda.is_available() else [])
 
 
 def _adapt(base: nn.Module, ranks, mode: str, **kw) -> TuckerLoraLayer:

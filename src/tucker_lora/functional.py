@@ -16,6 +16,8 @@ All give ``layer(x)`` with the weight ``W + alpha * dW``, ``dW = K x_1 U_o x_2 U
   at a time (Linear layers, adapter dropout, several active adapters).
 - module: the layer's own forward with its weight swapped (grouped convs, Conv subclasses that
   override ``forward``), always exact.
+- fused (``FUSED_KERNELS``, off by default): ``AdaptedConv`` with its small-kernel products and its passes over
+  dy and (x, dP) each one Triton launch (``triton_kernels``), on CUDA.
 
 ``choose_path`` is the cost model behind ``forward_mode="auto"`` (shapes, device and grad mode).
 """
@@ -23,9 +25,11 @@ All give ``layer(x)`` with the weight ``W + alpha * dW``, ``dW = K x_1 U_o x_2 U
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -108,7 +112,7 @@ def kron_grads(
 def _kernel_times_U_i(K: torch.Tensor, U_i: torch.Tensor) -> torch.Tensor:
     """``K x_2 U_i`` as (r_o, I * k): one bmm of U_i (I, r_i) with each K[a] (r_i, k)."""
     r_o, r_i = K.shape[:2]
-    KI = torch.bmm(U_i.expand(r_o, -1, -1), K.reshape(r_o, r_i, -1))  # (r_o, I, k)
+    KI = torch.bmm(_as(U_i, K.dtype).expand(r_o, -1, -1), K.reshape(r_o, r_i, -1))  # (r_o, I, k)
     return KI.reshape(r_o, -1)
 
 
@@ -131,6 +135,63 @@ def _eager_on_cpu(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
+#: Device types on which ``AdaptedConv`` runs the fused Triton kernels of ``triton_kernels``: the small kernel and
+#: its gradients each one launch instead of a chain of tiny products, and one pass over dy (``Q`` with ``dU_o``)
+#: and one over (x, dP) (``dx += U_i dP`` with ``dU_i``) instead of two each. Off by default: ``auto`` takes them
+#: only once ``benchmarks/gpu_checks.sh`` (``bench_layers.py`` with and without them, interleaved) measures them
+#: faster on a GPU. ``TUCKER_LORA_FUSED=1`` turns them on for CUDA, ``fused_kernels()`` for a block of code.
+FUSED_KERNELS: frozenset[str] = frozenset({"cuda"} if os.environ.get("TUCKER_LORA_FUSED") == "1" else ())
+
+_TRITON: list[ModuleType | None] = []  # the imported triton_kernels module (None: triton missing), once imported
+
+
+def _triton_kernels() -> ModuleType | None:
+    if not _TRITON:
+        try:
+            from . import triton_kernels
+        except ImportError:
+            triton_kernels = None
+        _TRITON.append(triton_kernels)
+    return _TRITON[0]
+
+
+def fused_kernels_on(x: torch.Tensor) -> bool:
+    """Whether a call on ``x`` runs the fused kernels: its device type is in ``FUSED_KERNELS``, triton imports,
+    nothing is being compiled (a compiled graph fuses on its own), deterministic algorithms are off (the passes
+    sum two gradients with atomics), and off CUDA only under the Triton interpreter (``TRITON_INTERPRET=1``)."""
+    device = x.device.type
+    if device not in FUSED_KERNELS or torch.compiler.is_compiling() or torch.are_deterministic_algorithms_enabled():
+        return False
+    if device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return False
+    return _triton_kernels() is not None
+
+
+@contextlib.contextmanager
+def fused_kernels(*device_types: str) -> Iterator[None]:
+    """``FUSED_KERNELS`` set to ``device_types`` while the block runs (``fused_kernels()``: off)."""
+    global FUSED_KERNELS
+    saved, FUSED_KERNELS = FUSED_KERNELS, frozenset(device_types)
+    try:
+        yield
+    finally:
+        FUSED_KERNELS = saved
+
+
+def adapter_kernel(core: torch.Tensor, kernel: Sequence[torch.Tensor], alpha: float, x: torch.Tensor) -> torch.Tensor:
+    """``alpha K`` (r_o, r_i, k...) for a call on ``x``: one fused launch (``fused_kernels_on``), written in the dtype
+    the convolutions run in, or ``scaled_kernel``'s products in the core's."""
+    if fused_kernels_on(x):
+        return _triton_kernels().small_kernel(core, kernel, alpha, dtype=compute_dtype(x))
+    return scaled_kernel(core, kernel, alpha)[0]
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype a convolution of ``x`` runs in: autocast's for a float32 x where it is on, else x's."""
+    enabled, dtype = autocast_state(x.device.type)
+    return dtype if enabled and x.dtype == torch.float32 else x.dtype
+
+
 class _Scratch(threading.local):
     """Per thread, one flat buffer per (device, dtype) that the merged path writes its weight into."""
 
@@ -147,11 +208,10 @@ def scratch_like(t: torch.Tensor) -> torch.Tensor | None:
     under ``torch.compile``).
 
     On the CPU a fresh weight-sized allocation comes from the OS page by page (about a page fault per 4 KiB,
-    each call): forming the merged weight in a fresh tensor cost 1.079x the frozen layer's inference on the
-    640-channel (3,1,1) conv, in this buffer 1.030x (``benchmarks/bench_pair.py``). The buffer holds the largest
-    merged weight formed so far (``release_scratch`` frees it). It is made a normal tensor even under
-    ``torch.inference_mode`` (an inference tensor could not be written once outside it). CUDA's caching
-    allocator already reuses its blocks.
+    each call); ``benchmarks/bench_pair.py`` (its ``fresh weight`` column) times what the buffer saves, and
+    ``docs/performance.md`` has the numbers. The buffer holds the largest merged weight formed so far
+    (``release_scratch`` frees it). It is made a normal tensor even under ``torch.inference_mode`` (an inference
+    tensor could not be written once outside it). CUDA's caching allocator already reuses its blocks.
     """
     if not _eager_on_cpu(t):
         return None
@@ -190,10 +250,10 @@ def channel_mix(x: torch.Tensor, M: torch.Tensor, out: torch.Tensor | None = Non
 
 
 #: The rank-r projection ``M x`` (M: r x C) of a (C, S) activation runs on one thread in MKL. Split along S into
-#: ``SPLIT_PER_THREAD`` blocks per thread, torch's batched matmul runs the blocks on every thread: 1.2x-1.7x faster
-#: on 2 threads from 2^18 elements up, slower below that or on one thread. The rank-r update ``out += M x``
-#: (M: C x r) split the same way (along the rows of out) was as often slower as faster, so it stays one ``addmm_``
-#: (``benchmarks/bench_skinny.py`` times both).
+#: ``SPLIT_PER_THREAD`` blocks per thread, torch's batched matmul runs the blocks on every thread: faster on 2 or
+#: more threads from ``SPLIT_MIN_NUMEL`` elements up, slower below that or on one thread. The rank-r update
+#: ``out += M x`` (M: C x r) split the same way gained nothing, so it stays one ``addmm_``. Both constants are set
+#: by ``benchmarks/bench_skinny.py``; its numbers are in ``docs/performance.md``.
 SPLIT_PER_THREAD = 4
 SPLIT_MIN_NUMEL = 1 << 18
 
@@ -367,6 +427,10 @@ class AdaptedConv(torch.autograd.Function):
 
     dP and dK come from one ``convolution_backward`` call. It saves ``x`` (and ``z``) only when ``U_i`` (or W)
     trains; otherwise ``P`` alone, and z is recomputed from it.
+
+    With the fused kernels on (``fused_kernels_on``), the small kernel, its gradients, the pass over dy (Q and
+    dU_o) and the pass over (x, dP) (``dx += U_i dP`` and dU_i) are one Triton launch each; the forward's launch
+    also zeroes the accumulators that the two passes add dU_o and dU_i into.
     """
 
     @staticmethod
@@ -374,8 +438,17 @@ class AdaptedConv(torch.autograd.Function):
         need = ctx.needs_input_grad
         need_K = need[_CORE_ARG] or any(need[_CORE_ARG + 3 :])  # the core or a kernel factor trains
         need_U_o, need_U_i = need[_CORE_ARG + 1], need[_CORE_ARG + 2]
-        Ka, chain = scaled_kernel(core, kernel, alpha)
-        ctx.n_kernel = len(kernel)
+        ctx.fused = fused_kernels_on(x)
+        acc_o = acc_i = None
+        if ctx.fused:
+            fused = _triton_kernels()
+            acc_o = fused.accumulator(*U_o.shape, x) if need_U_o else None
+            acc_i = fused.accumulator(*U_i.shape, x) if need_U_i else None
+            zero = [a for a in (acc_o, acc_i) if a is not None]
+            Ka, chain = fused.small_kernel(core, kernel, alpha, zero, dtype=compute_dtype(x)), []
+        else:
+            Ka, chain = scaled_kernel(core, kernel, alpha)
+        ctx.n_kernel, ctx.passes_done = len(kernel), False
         if merge:
             y = _merged_output(x, weight, bias, geometry, Ka, U_o, U_i)
             P = channel_mix(x, _as(U_i.T, x.dtype)) if need_K or need_U_o else None
@@ -388,44 +461,74 @@ class AdaptedConv(torch.autograd.Function):
         # z (r_o / O of y) is kept beside x, where it is small next to it; without x (U_i frozen) only P
         # (r_i / I of x) is kept and the backward recomputes z from it, one small convolution
         ctx.save_for_backward(
-            x if keep_x else None, P, z if need_U_o and keep_x else None, weight, Ka, core, U_o, U_i, *kernel, *chain
-        )
+            x if keep_x else None, P, z if need_U_o and keep_x else None, weight, Ka, core, U_o, U_i, acc_o, acc_i,
+            *kernel, *chain,
+        )  # fmt: skip
         return y
 
     @staticmethod
     def backward(ctx, dy):  # type: ignore[override]
-        x, P, z, weight, Ka, core, U_o, U_i, *rest = ctx.saved_tensors
+        x, P, z, weight, Ka, core, U_o, U_i, acc_o, acc_i, *rest = ctx.saved_tensors
         kernel, chain = rest[: ctx.n_kernel], rest[ctx.n_kernel :]
         g, need = ctx.geometry, ctx.needs_input_grad
         need_U_o, need_U_i = need[_CORE_ARG + 1], need[_CORE_ARG + 2]
+        need_Q = need[0] or ctx.need_K or need_U_i
         grads: list[torch.Tensor | None] = [None] * len(need)
         with _autocast(dy.device.type, ctx.autocast):
             dtype = dy.dtype
             Kd = _as(Ka, dtype)
-            # ordered so that each large tensor is read again soon after its last use (dy for Q and dU_o,
-            # dx right after the base's input gradient writes it), while it may still be in cache
-            if need[0] or ctx.need_K or need_U_i:
-                Q = channel_mix(dy, _as(U_o.T, dtype))  # (N, r_o, *S')
-            if need_U_o:
-                z = g.conv(_as(P, dtype), Kd) if z is None else z
-                grads[_CORE_ARG + 1] = _as(batched_outer(dy, _as(z, dtype)), U_o.dtype)
-            if need[0] or ctx.need_K or need_U_i:
+            if need_U_o and z is None:
+                z = g.conv(_as(P, dtype), Kd)
+            # the fused passes add into the accumulators the forward zeroed: once (a second backward of the same
+            # graph takes the torch ops)
+            fused = _triton_kernels() if ctx.fused and not ctx.passes_done else None
+            if fused is not None and not fused.passes_apply(dy, *(t for t in (x, z) if t is not None)):
+                fused = None
+            ctx.passes_done = ctx.passes_done or fused is not None
+            if fused is not None:  # Q and dU_o in one pass over dy
+                Q = fused.dy_pass(dy, U_o, z, need_Q, acc_o) if need_Q or need_U_o else None
+                grads[_CORE_ARG + 1] = _as(acc_o, U_o.dtype) if need_U_o else None
+            else:
+                # ordered so that each large tensor is read again soon after its last use (dy for Q and dU_o,
+                # dx right after the base's input gradient writes it), while it may still be in cache
+                if need_Q:
+                    Q = channel_mix(dy, _as(U_o.T, dtype))  # (N, r_o, *S')
+                if need_U_o:
+                    grads[_CORE_ARG + 1] = _as(batched_outer(dy, _as(z, dtype)), U_o.dtype)
+            if need_Q:
                 P_in = _as(P, dtype) if P is not None else dy.new_empty(_projected_shape(ctx.x_shape, Ka))
                 dP, dK = g.grads(P_in, Kd, Q, need[0] or need_U_i, ctx.need_K)
-            if need_U_i:
+            x_pass = fused is not None and (need[0] or need_U_i) and fused.passes_apply(dP)
+            if need_U_i and not x_pass:
                 grads[_CORE_ARG + 2] = _as(batched_outer(_as(x, dtype), dP), U_i.dtype)
+            dx = None
             if need[0]:  # the merged weight's input gradient, without forming it
                 x_like = x if x is not None and x.dtype == dtype else dy.new_empty(ctx.x_shape)
                 dx = g.input_grad(x_like, _as(weight, dtype), dy)
-                grads[0] = channel_mix(dP, _as(U_i, dtype), out=dx)
+            if x_pass:  # dx += U_i dP and dU_i in one pass over (x, dP, dx)
+                in_pass = dx if dx is not None and fused.passes_apply(dx) else None
+                if in_pass is not None or need_U_i:
+                    fused.x_dp_pass(x if need_U_i else None, dP, U_i, in_pass, acc_i)
+                grads[_CORE_ARG + 2] = _as(acc_i, U_i.dtype) if need_U_i else None
+                if dx is not None and in_pass is None:
+                    dx = channel_mix(dP, _as(U_i, dtype), out=dx)
+            elif need[0]:
+                dx = channel_mix(dP, _as(U_i, dtype), out=dx)
+            grads[0] = dx
             if need[1]:
                 grads[1] = _as(g.weight_grad(_as(x, dtype), weight.shape, dy), weight.dtype)
             if need[2]:
                 grads[2] = dy.sum(dim=[d for d in range(dy.ndim) if d != 1])
         if ctx.need_K:  # the tiny kernel-sized products in the parameters' precision, outside autocast
-            grads[_CORE_ARG : _CORE_ARG + 1], grads[_CORE_ARG + 3 :] = _kernel_grads(
-                _as(dK, core.dtype), ctx.alpha, core, kernel, chain, need[_CORE_ARG], need[_CORE_ARG + 3 :]
-            )
+            if ctx.fused:
+                core_grad, kernel_grads = _triton_kernels().kernel_grads(
+                    dK, ctx.alpha, core, kernel, need[_CORE_ARG], need[_CORE_ARG + 3 :]
+                )
+            else:
+                core_grad, kernel_grads = _kernel_grads(
+                    _as(dK, core.dtype), ctx.alpha, core, kernel, chain, need[_CORE_ARG], need[_CORE_ARG + 3 :]
+                )
+            grads[_CORE_ARG : _CORE_ARG + 1], grads[_CORE_ARG + 3 :] = core_grad, kernel_grads
         return tuple(grads)
 
 
@@ -459,9 +562,8 @@ def batched_outer(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``sum_{n, s} a[n, :, s] b[n, :, s]^T``: (N, A, *S), (N, B, *S) -> (A, B), with A wide and B a rank, as one
     (batched) matmul.
 
-    Computed as written, not as the transpose of ``b a^T``: on this CPU with the caches evicted before each call
-    (``benchmarks/bench_skinny.py --cold``), the transposed product took 1.3x-2.3x the time for one sample of
-    320-1280 channels, and 1.5x-1.8x for 8 samples of 256 positions (0.97x for 8 of 1024)."""
+    Computed as written, not as the transpose of ``b a^T``, which was slower on the CPU with cold caches
+    (``benchmarks/bench_skinny.py --cold``; numbers in ``docs/performance.md``)."""
     N, A, B = a.shape[0], a.shape[1], b.shape[1]
     if N == 1:
         return torch.mm(a.reshape(A, -1), b.reshape(B, -1).T)
@@ -490,7 +592,7 @@ def adapted_conv(
     ):
         y = AdaptedConv.apply(x, base.weight, base.bias, geometry, alpha, merge, core, *factors)
     else:
-        Ka, U_o, U_i = scaled_kernel(core, factors[2:], alpha)[0], factors[0], factors[1]
+        Ka, U_o, U_i = adapter_kernel(core, factors[2:], alpha, x), factors[0], factors[1]
         if merge:
             y = _merged_output(x, base.weight, base.bias, geometry, Ka, U_o, U_i)
         else:
@@ -505,16 +607,14 @@ def module_forward(layer: nn.Module, weight: torch.Tensor, args: tuple, kwargs: 
 
 # ---------------------------------------------------------------------------------------------- cost model
 #: ``choose_path`` takes the merged path when the weight has fewer entries than this factor times the input
-#: and output activations together, per device type and grad mode. On the CPU the merged weight goes into a
-#: reused buffer (``scratch_like``). Measured with ``benchmarks/bench_pair.py`` (merged / factored, paired over
-#: 120-200 rounds) on the 640-channel (3,1,1) conv with W / (x + y) = 0.47, 0.63, 0.94 and 1.9 (``--spatial``):
-#: in training both paths project x (``P`` is needed for the gradients), so merged trades the update of y for
-#: forming the weight: 1.001, 1.007, 1.013 at 0.47-0.94, factored ahead from about 0.5 (the factor stays at
-#: the older benchmark's 0.3). In inference merged skips the projection as well: 0.979 at 0.47, 0.998 and 0.999
-#: at 0.63 and 0.94, 1.010 at 1.9, hence 1.0.
-#: On CUDA (H100) the factored path was as fast or faster on every layer shape of the benchmark in two runs,
-#: in training and in inference: forming the merged weight is more ops to issue, and a step there is mostly
-#: the host issuing ops, so ``auto`` always takes the factored path.
+#: and output activations together, per device type and grad mode. Merged forms ``W + alpha dW`` (a read of W
+#: and a write of a weight-sized buffer; on the CPU a reused one, ``scratch_like``) where factored updates y in
+#: place (a read and a write of y); in training both project x (``P`` is needed for the gradients), in inference
+#: merged skips that projection too, so its crossing lies at a larger weight there. On CUDA a step is mostly
+#: the host issuing ops, and forming the merged weight is more of them: ``auto`` always takes the factored path
+#: there. Set by ``benchmarks/bench_pair.py`` (merged against factored, paired, ``--spatial`` moving the ratio
+#: W / (x + y)) on the CPU and by ``benchmarks/bench_layers.py`` on a GPU; the numbers are in
+#: ``docs/performance.md``.
 MERGED_WEIGHT_FACTOR = {"cpu": {"train": 0.3, "infer": 1.0}, "cuda": {"train": 0.0, "infer": 0.0}}
 
 

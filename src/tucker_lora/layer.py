@@ -349,7 +349,10 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
             return base(*args, **kwargs) + sum(deltas)
         if path in ("merged", "factored"):  # one adapter on a plain conv, no dropout: one autograd node
             (a,) = active
-            core, factors = self._compute_tensors(a, x)
+            # in the parameters' own dtype: the node casts what meets x (the small kernel, U_o, U_i), fewer casts
+            # than the core and every factor (and their casts' backward) for a low-precision x
+            core = _entry(self.tucker_lora_core, a)
+            factors = self._factors(a, core)
             return adapted_conv(x, base, self._geometry, core, factors, self.alpha[a], merge=path == "merged")
         result = base(*args, **kwargs)  # "eager": Linear, dropout, several adapters
         for a in active:
@@ -357,7 +360,8 @@ class TuckerLoraLayer(nn.Module, BaseTunerLayer):
         return result
 
     def _compute_tensors(self, adapter_name: str, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """Core and factors in the dtype the layer computes in: x's, for low-precision inputs (fp32 params)."""
+        """Core and factors in the dtype the layer computes in: x's, for low-precision inputs (fp32 params); for the
+        eager path, whose ops take one dtype."""
         core = _entry(self.tucker_lora_core, adapter_name)
         factors = self._factors(adapter_name, core)
         if x.dtype != core.dtype and x.is_floating_point():
