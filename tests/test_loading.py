@@ -123,3 +123,20 @@ def test_model_card_describes_the_adapter_and_its_two_line_load_works(tmp_path):
     assert float(run_python(prelude + code + check)) < 1e-6
     assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["peft_type"] == "TUCKER_LORA"
     assert load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+
+
+def test_model_card_of_a_model_loaded_from_a_path(tmp_path):
+    """A base model whose ``name_or_path`` is a ``pathlib.Path`` (diffusers keeps what ``from_pretrained`` was
+    given): peft dumps it as a python-object YAML tag; saving still works, twice, and the card's metadata is
+    plain YAML that a safe loader reads, naming the path as text."""
+    import yaml
+
+    base = ToyVideoNet()
+    base.config = {"_name_or_path": tmp_path / "bases" / "unet3d"}  # what peft's card reads
+    model = get_peft_model(base, TuckerLoraConfig(target_modules=TARGETS, ranks=(2, 2, 1, 1, 1)))
+    for _ in range(2):
+        model.save_pretrained(tmp_path / "adapter")
+    card = (tmp_path / "adapter" / "README.md").read_text()
+    metadata = yaml.safe_load(card.split("---\n")[1])
+    assert metadata["base_model"] == str(tmp_path / "bases" / "unet3d")
+    assert card.count(MARKER) == 1 and "tucker-lora" in metadata["tags"]

@@ -8,8 +8,11 @@ adapter is and how to load it, and adds the ``tucker-lora`` tag. Saving again le
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 MARKER = "<!-- tucker-lora adapter -->"
 END_MARKER = "<!-- end of tucker-lora adapter -->"
@@ -46,13 +49,37 @@ def _patterns(config: Any) -> str:
     return f"; per-layer values in `{'` and `'.join(per_layer)}`" if per_layer else ""
 
 
+class _PathsAsText(yaml.SafeLoader):
+    """A safe YAML loader that reads a pickled ``pathlib`` path as its text."""
+
+
+def _path_as_text(loader: yaml.SafeLoader, suffix: str, node: yaml.Node) -> str:
+    return str(Path(*loader.construct_sequence(node)))
+
+
+_PathsAsText.add_multi_constructor("tag:yaml.org,2002:python/object/apply:pathlib.", _path_as_text)
+
+
+def _paths_as_text(card_text: str) -> str:
+    """``card_text`` with a ``pathlib`` object in its metadata written as a string.
+
+    peft writes ``base_model`` with ``yaml.dump``, so a model loaded from a ``Path`` gets a
+    ``!!python/object/apply:pathlib.PosixPath`` tag that a safe loader (huggingface_hub's) refuses.
+    """
+    match = re.match(r"---\n(.*?)\n---\n", card_text, re.DOTALL)
+    if match is None or "!!python/object/apply:pathlib." not in match.group(1):
+        return card_text
+    metadata = yaml.load(match.group(1), Loader=_PathsAsText)  # noqa: S506 - a safe loader plus one tag
+    return f"---\n{yaml.safe_dump(metadata, sort_keys=False)}---\n" + card_text[match.end() :]
+
+
 def write_model_card(directory: str | os.PathLike, config: Any) -> None:
     """Put the adapter's section (and tag) into ``directory/README.md``, creating the card if there is none."""
     from huggingface_hub import ModelCard, ModelCardData
 
     path = Path(directory, CARD_NAME)
     if path.is_file():
-        card = ModelCard.load(path)
+        card = ModelCard(_paths_as_text(path.read_text(encoding="utf-8-sig")))
     else:  # an adapter saved in a subfolder: a card of this section alone
         card = ModelCard(f"---\n{ModelCardData(library_name='peft').to_yaml()}\n---\n")
     tags = list(card.data.tags or [])
