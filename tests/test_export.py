@@ -100,6 +100,16 @@ def merged_reference(model: peft.PeftModel, x: torch.Tensor) -> torch.Tensor:
 CHILD = textwrap.dedent(
     """
     import json, sys
+
+    # as where tucker_lora is not installed: its start-up hook (tucker_lora_hook.pth) off, its import refused
+    sys.meta_path[:] = [f for f in sys.meta_path if type(f).__name__ != "PostImportHook"]
+
+    class NotInstalled:
+        def find_spec(self, name, path=None, target=None):
+            if name.partition(".")[0] == "tucker_lora":
+                raise ModuleNotFoundError(f"No module named {name!r}")
+
+    sys.meta_path.insert(0, NotInstalled())
     import torch
     from safetensors.torch import load_file, save_file
 
