@@ -443,6 +443,50 @@ def motion_table(source: str, backbone: str) -> list[str]:
     return block
 
 
+#: (shape as count_ops.py names it, ranks, column header) of the op-count table.
+OPS_COLUMNS = (
+    ("Conv3d 320x320x(3,3,3), 8x16x16", [4, 4, 1, 1, 1], "Conv3d 3x3x3 (4,4,1,1,1)"),
+    ("Conv3d 320x320x(3,3,3), 8x16x16", [8, 8, 3, 3, 3], "Conv3d 3x3x3 (8,8,3,3,3)"),
+    ("Conv3d 640x640x(3,1,1), 8x16x16", [4, 4, 1, 1, 1], "Conv3d (3,1,1) (4,4,1,1,1)"),
+    ("Conv2d 320x320x(3,3), 8 frames of 32x32", [4, 4, 1, 1, 1], "Conv2d 3x3, 8 frames (4,4,1,1,1)"),
+)
+
+
+def ops_table(torch_source: str, fused_source: str) -> list[str]:
+    """Ops each adapter adds per training step / inference call (``count_ops.py --json``, without and with
+    ``--triton``); ``(a)`` where ``auto`` took the merged path."""
+
+    def runs(source: str) -> dict[tuple[str, tuple[int, ...]], dict[str, dict]]:
+        results = json.loads((ROOT / source).read_text())
+        return {(r["shape"], tuple(r["ranks"])): {row["method"]: row for row in r["rows"]} for r in results}
+
+    def cell(row: dict, bold: bool = False) -> str:
+        text = f"{row['train_added']} / {row['infer_added']}"
+        text = f"**{text}**" if bold else text
+        return text + (" (a)" if "merged" in row.get("paths", {}).values() else "")
+
+    def find(rows: dict[str, dict], prefix: str) -> dict:
+        return next(row for method, row in rows.items() if method.startswith(prefix))
+
+    torch_ops, fused = runs(torch_source), runs(fused_source)
+    freeze = "tucker auto, freeze_modes=('i',)"
+    specs = [
+        ("Tucker factored, torch ops", torch_ops, "tucker factored", False),
+        ("Tucker merged, torch ops", torch_ops, "tucker merged", False),
+        ('Tucker `freeze_modes=("i",)`, torch ops', torch_ops, freeze, False),
+        ("**Tucker factored, fused kernels**", fused, "tucker factored", True),
+        ("Tucker merged, fused kernels", fused, "tucker merged", False),
+        ('Tucker `freeze_modes=("i",)`, fused kernels', fused, freeze, False),
+        ("peft LoRA (matched rank)", torch_ops, "peft LoRA", False),
+        ("LyCORIS LoCon-Tucker (matched rank)", torch_ops, "LyCORIS", False),
+    ]
+    rows = [
+        [label] + [cell(find(source[(shape, tuple(ranks))], prefix), bold) for shape, ranks, _ in OPS_COLUMNS]
+        for label, source, prefix, bold in specs
+    ]
+    return table(["method"] + [header for _, _, header in OPS_COLUMNS], rows)
+
+
 #: KIND -> renderer(*sources) for ``<!-- table: KIND SOURCE... -->``.
 TABLES: dict[str, Callable[..., list[str]]] = {
     "layers-train": layers_train,
@@ -452,6 +496,7 @@ TABLES: dict[str, Callable[..., list[str]]] = {
     "motion-summary": motion_summary,
     "unet": unet_table,
     "motion": motion_table,
+    "ops": ops_table,
 }
 MARKER = re.compile(r"^<!-- table: (\S+)((?: \S+)*) -->$")
 
@@ -503,6 +548,9 @@ def test_renderers_read_the_measurements():
     assert statistics.median(cpu[LYCORIS]["train_ratio_runs"]) == cpu[LYCORIS]["train_ratio"]
     assert unet_results("docs/unet_cpu.txt")["peft LoRA (matched)"]["ratio"] == pytest.approx(1.1296, abs=1e-4)
     assert unet_results("docs/gpu/unet_fp32.md")["tucker (4,4,1,1,1)"]["ratio"] == pytest.approx(0.243 / 0.220, 1e-2)
+    ops = ops_table("docs/ops_torch.json", "docs/ops_fused.json")
+    assert ops[2].split(" | ")[1:] == ["17 / 6", "21 / 6", "17 / 6", "16 / 5 |"]  # factored: 11 mm, 2 mul, ...
+    assert ops[4].split(" | ")[3:] == ["17 / 5 (a)", "15 / 4 (a) |"]  # merged inference there
 
 
 def rewrite_tables() -> None:
