@@ -29,21 +29,28 @@ lint: $(STAMP)
 
 # The main job: adapt a small pixel-space UNet3D pretrained on shapes moving as captioned (domain A, shipped in
 # examples/motion_bases/unet3d; pretrained once and cached if missing) to the same clips played backwards (domain B)
-# with Tucker-LoRA through examples/train_text_to_video.py, reload the adapter in fresh processes and sample;
-# motion_grid.png shows every frame of the base's and the adapter's samples, with the motion the estimator reads.
+# with Tucker-LoRA through examples/train_text_to_video.py, reload the adapter in fresh processes and sample.
+# motion_grid.png draws every frame of the base's and the adapter's samples of DEMO_PROMPTS (same noise) under an
+# arrow of the way domain B moves them, with a check or a cross from the motion estimator; samples/grid.png shows
+# the same adapter samples frame by frame. DEMO_SEEDS: seeds at which the base moves as its caption says, so that
+# base and target differ in every pair.
 DEMO ?= outputs/demo
 MOTION = $(BIN)/python benchmarks/motion_experiment.py
+DEMO_LAW = reversed
 DEMO_PROMPTS = "a red circle moving left" "a blue square moving right"
+DEMO_SEEDS = 1 2
+DEMO_SAMPLING = --num_inference_steps 15 --guidance_scale 3
 demo: $(STAMP)
 	$(MOTION) base --out $(DEMO)/base_model
-	$(MOTION) domain --law reversed --count 256 --out $(DEMO)/domain_b
+	$(MOTION) domain --law $(DEMO_LAW) --count 256 --out $(DEMO)/domain_b
 	$(BIN)/python examples/train_text_to_video.py --pretrained_model_name_or_path $(DEMO)/base_model \
-		--data_dir $(DEMO)/domain_b --ranks 4 4 3 1 1 --output_dir $(DEMO) --max_train_steps 150 \
-		--train_batch_size 8 --learning_rate 2e-3 --no_ema --validation_steps 150 --checkpointing_steps 150 \
-		--checkpoints_total_limit 1 --num_inference_steps 15 --guidance_scale 3 --validation_prompts $(DEMO_PROMPTS)
-	$(BIN)/python examples/sample_text_to_video.py --adapter $(DEMO)/adapter --prompts $(DEMO_PROMPTS) --seeds 0 1 \
-		--num_frames 8 --num_inference_steps 15 --guidance_scale 3 --output_dir $(DEMO)/samples
-	$(MOTION) compare --adapter $(DEMO)/adapter --out $(DEMO)/motion_grid.png
+		--data_dir $(DEMO)/domain_b --ranks 4 4 3 1 1 --output_dir $(DEMO) --max_train_steps 300 \
+		--train_batch_size 8 --learning_rate 2e-3 --no_ema --validation_steps 300 --checkpointing_steps 300 \
+		--checkpoints_total_limit 1 $(DEMO_SAMPLING) --validation_prompts $(DEMO_PROMPTS) --validation_seeds $(DEMO_SEEDS)
+	$(BIN)/python examples/sample_text_to_video.py --adapter $(DEMO)/adapter --prompts $(DEMO_PROMPTS) \
+		--seeds $(DEMO_SEEDS) --num_frames 8 $(DEMO_SAMPLING) --output_dir $(DEMO)/samples
+	$(MOTION) compare --adapter $(DEMO)/adapter --law $(DEMO_LAW) --prompts $(DEMO_PROMPTS) --seeds $(DEMO_SEEDS) \
+		--num_frames 8 $(DEMO_SAMPLING) --out $(DEMO)/motion_grid.png
 
 # Sample with a trained adapter (its base model is read from the adapter's config).
 ADAPTER ?= $(DEMO)/adapter

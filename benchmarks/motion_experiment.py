@@ -2,7 +2,7 @@
 
 Domain A: shapes crossing the frame horizontally as captioned ("a red circle moving left"); domain B: the same
 clips played backwards, so "moving left" moves right (``Config.law_b``; ``"vertical"`` is the other law on
-offer). Every frame of a B clip is a frame of its A twin (``tucker_lora.video.motion``): only the order of the
+offer). Every frame of a B clip is a frame of its A twin (``motion_laws``): only the order of the
 frames tells the domains apart. Pixel space, 8 frames of 16x16.
 
 1. Pretrain two bases on A (safetensors in ``examples/motion_bases`` when made with the run's configuration,
@@ -30,7 +30,8 @@ against steps per method), ``grid_<backbone>.png`` (A-base / B-target / B-base /
 
 Helpers for ``make demo``: ``base`` (the pretrained UNet3D pipeline folder: pretrain once and cache),
 ``domain`` (domain-B clips as GIFs + captions.csv for ``examples/train_text_to_video.py --data_dir``),
-``compare`` (frames of the base and of an adapter side by side, with the estimated motion).
+``compare`` (the demo picture: every frame of the base's and the adapter's samples of the same prompts and noise,
+against the motion the adapter's domain asks for, with a check or a cross from the motion estimator).
 ``report`` prints the tables of finished runs (as in the README).
 """
 
@@ -55,10 +56,10 @@ from typing import Any, Optional
 import numpy as np
 import torch
 import torch.nn.functional as F
+from motion_laws import LAWS, MotionDomainDataset, estimate_motion, law_velocity, motion_score
 from torch import nn
 
 from tucker_lora.video.metrics import peak_memory_added
-from tucker_lora.video.motion import LAWS, MotionDomainDataset, estimate_motion, law_velocity, motion_score
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ("unet3d", "conv3d")
@@ -1046,27 +1047,64 @@ def write_domain(law: str, count: int, out: Path, cfg: Config) -> Path:
     return out
 
 
-def compare(adapter: Path, out: Path, device: torch.device, count: int = 4) -> dict[str, Any]:
-    """Sample B prompts with the base and with ``adapter`` (same noise); grid and motion scores of both."""
-    from peft import PeftModel
+#: What the adapter's domain does to a caption, under the demo picture (by law).
+LAW_NOTES = {
+    "reversed": 'The adapter\'s domain plays every clip backwards: a shape captioned "moving left" moves right.',
+    "horizontal": "The adapter's domain moves every shape the way its caption says.",
+    "vertical": 'The adapter\'s domain moves shapes up or down: "moving up" moves up.',
+}
 
-    import tucker_lora  # noqa: F401  (registers the tuner)
 
-    base_path = Path(json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"])
-    cfg = copy.deepcopy(PRESETS["cpu"])
-    cfg.num_samples = count
-    text = TextEncoder(device)
-    prompts, targets = sample_prompts(cfg.law_b, cfg)
-    base = load_base("unet3d", base_path, cfg).to(device)
-    before = generate(base, prompts, text, cfg, device)
-    after = generate(PeftModel.from_pretrained(base, str(adapter)), prompts, text, cfg, device)
-    scores = {"base": motion_score(list(before), targets), "adapted": motion_score(list(after), targets)}
-    rows = [(f"{who}: {p}", [v[i]]) for i, p in enumerate(prompts) for who, v in (("base", before), ("adapter", after))]
-    rows = [(f"{label} -> {estimate_label(v[0])}", v) for label, v in rows]
-    sample_grid(rows, out, scale=4)
-    for who, s in scores.items():
-        log(f"{who}: {s['correct']:.2f} of B prompts move as prompted, velocity error {s['velocity_error']:.2f}")
-    log(f"frames of the base and the adapter (every frame, left to right): {out}")
+def prompt_target(prompt: str, law: str, cfg: Config) -> tuple[float, float]:
+    """The velocity a clip of ``law`` captioned ``prompt`` has (at the domain's mean speed): the direction is the
+    prompt's last word that ``law`` captions."""
+    words = [w for w in prompt.lower().replace(",", " ").split() if w in LAWS[law]]
+    if not words:
+        raise ValueError(f"prompt {prompt!r} names no direction of the {law!r} law ({' / '.join(LAWS[law])})")
+    speed = MotionDomainDataset(law, 1, cfg.frames, cfg.resolution).mean_speed()
+    return law_velocity(law, words[-1], speed)
+
+
+def compare(
+    adapter: Path,
+    out: Path,
+    device: torch.device,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    law: str,
+    num_frames: int = 8,
+    num_inference_steps: int = 15,
+    guidance_scale: float = 3.0,
+) -> dict[str, Any]:
+    """Sample every (prompt, seed) with the adapter's base and with ``adapter``, through the same pipeline, noise and
+    settings as ``examples/sample_text_to_video.py`` (so the adapter's samples are the ones it writes); draw them
+    against the target motion of ``law`` (``motion_figure``) to ``out``; the motion scores of both."""
+    from motion_figure import Pair, motion_figure
+
+    from tucker_lora.video.pipeline import generate, load_components
+    from tucker_lora.video.sample import load_adapted_unet
+
+    base_path = json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"]
+    cfg = dataclasses.replace(PRESETS["cpu"], frames=num_frames)
+    targets = [prompt_target(p, law, cfg) for p in prompts for _ in seeds]
+    components = load_components(base_path)
+    size = components.resolution
+
+    def sample(unet: nn.Module) -> list[np.ndarray]:
+        pipe = components.pipeline(unet=unet).to(device)
+        videos = generate(pipe, prompts, seeds, num_frames, num_inference_steps, guidance_scale, size, size)
+        return [v for _, _, v in videos]
+
+    before = sample(components.unet)
+    after = sample(load_adapted_unet(components.unet, adapter))
+    labels = [(p, s) for p in prompts for s in seeds]
+    pairs = [Pair(p, s, t, b, a) for (p, s), t, b, a in zip(labels, targets, before, after, strict=True)]
+    motion_figure(pairs, out, LAW_NOTES[law])
+    scores = {"base": motion_score(before, targets), "adapter": motion_score(after, targets)}
+    for who, score in scores.items():
+        log(f"{who}: {score['correct']:.2f} of the samples move as the {law} law says, velocity error "
+            f"{score['velocity_error']:.2f} px/frame")  # fmt: skip
+    log(f"every frame of the base's and the adapter's samples, against the target motion: {out}")
     return scores
 
 
@@ -1096,10 +1134,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--law", choices=sorted(LAWS), default=PRESETS["cpu"].law_b)
     p.add_argument("--count", type=int, default=256)
     p.add_argument("--out", type=Path, required=True)
-    p = sub.add_parser("compare", help="frames of the base and of an adapter on B prompts, with their motion")
-    p.add_argument("--adapter", type=Path, required=True)
-    p.add_argument("--count", type=int, default=4)
-    p.add_argument("--out", type=Path, required=True)
+    p = sub.add_parser("compare", help="the demo picture: base and adapter samples against the target motion")
+    p.add_argument("--adapter", type=Path, required=True, help="adapter folder (its base is the one it names)")
+    p.add_argument("--out", type=Path, required=True, help="the PNG to write")
+    p.add_argument("--prompts", nargs="+", required=True, help="each names a direction of --law")
+    p.add_argument("--law", choices=sorted(LAWS), default=PRESETS["cpu"].law_b, help="the adapter's domain")
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1], help="noise seeds, each prompt (default 0 1)")
+    p.add_argument("--num_frames", type=int, default=8, help="frames per sample (default 8)")
+    p.add_argument("--num_inference_steps", type=int, default=15, help="DDIM steps (default 15)")
+    p.add_argument("--guidance_scale", type=float, default=3.0, help="classifier-free guidance (default 3)")
     p = sub.add_parser("report", help="the markdown tables of finished runs")
     p.add_argument("dirs", nargs="+", type=Path)
     for p in sub.choices.values():
@@ -1114,7 +1157,17 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     elif args.command == "report":
         print(report(args.dirs))
     elif args.command == "compare":
-        compare(args.adapter, args.out, device, args.count)
+        compare(
+            args.adapter,
+            args.out,
+            device,
+            args.prompts,
+            args.seeds,
+            args.law,
+            args.num_frames,
+            args.num_inference_steps,
+            args.guidance_scale,
+        )
     else:
         cfg = config_from(args)
         log(f"device {device}, {torch.get_num_threads()} threads; {len(cfg.methods)} methods x {len(cfg.seeds)} seeds "

@@ -12,21 +12,24 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 pytest.importorskip("diffusers")
 
-from tucker_lora.video.motion import (  # noqa: E402
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "motion_experiment.py"
+sys.path.insert(0, str(SCRIPT.parent))  # the benchmark scripts import their helpers as top-level modules
+
+from motion_laws import (  # noqa: E402
     LAWS,
     MotionDomainDataset,
+    centroid_track,
     direction_of,
     estimate_motion,
     law_velocity,
     motion_score,
     phase_correlation_shift,
 )
-
-ROOT = Path(__file__).resolve().parents[1]
-SCRIPT = ROOT / "benchmarks" / "motion_experiment.py"
 
 
 @pytest.fixture(scope="module")
@@ -122,6 +125,52 @@ def test_domains_share_appearance_and_differ_only_in_the_axis_of_travel():
     assert shifted.describe(0) == b.describe(2)
     with pytest.raises(ValueError, match="unknown motion law"):
         MotionDomainDataset("diagonal")
+
+
+def test_centroid_track_follows_a_blob_frame_by_frame():
+    velocity = (0.9, -0.3)
+    track = centroid_track(blob_clip(velocity))
+    # the reference centres of blob_clip, c_t = (11.7, 12.2) + (t - 3.5) v
+    expected = [(11.7 + (t - 3.5) * velocity[0], 12.2 + (t - 3.5) * velocity[1]) for t in range(8)]
+    assert np.allclose(track, expected, atol=0.05)
+    empty = blob_clip((0.0, 0.0))
+    empty[2] = 0.25  # the background only: no foreground in frame 2
+    assert centroid_track(empty)[2] is None and centroid_track(empty)[3] is not None
+
+
+# ---------------------------------------------------------------------------------------------- demo picture
+def test_prompt_target_is_the_caption_direction_under_the_law(me):
+    cfg = me.PRESETS["cpu"]
+    speed = (16 - 2 * 0.175 * 16 - 2) / 7  # the mean radius 0.175 R crosses from r + 1 to R - r - 1 in 7 steps
+    assert me.prompt_target("a red circle moving left", "reversed", cfg) == pytest.approx((speed, 0.0))
+    assert me.prompt_target("a red circle moving left", "horizontal", cfg) == pytest.approx((-speed, 0.0))
+    assert me.prompt_target("a blue square moving up", "vertical", cfg) == pytest.approx((0.0, -speed))
+    with pytest.raises(ValueError, match="names no direction of the 'reversed' law"):
+        me.prompt_target("a blue square moving up", "reversed", cfg)
+
+
+def test_demo_picture_marks_each_sample_right_or_wrong_by_its_motion(me, tmp_path):
+    """Ground-truth clips of A and B stand in for the base's and the adapter's samples: under the reversed law
+    every B clip is right and every A clip wrong, so the picture holds checks and crosses in that proportion."""
+    from motion_figure import RIGHT, WRONG, Pair, motion_figure
+
+    a = MotionDomainDataset("horizontal", 4, 8, 16, seed=0)
+    b = MotionDomainDataset("reversed", 4, 8, 16, seed=0)
+    targets = [b.velocity(i) for i in range(4)]
+
+    def count(pairs, name):
+        with Image.open(motion_figure(pairs, tmp_path / name, "note")) as image:
+            pixels = np.asarray(image.convert("RGB")).reshape(-1, 3)
+        return [int((pixels == colour).all(axis=1).sum()) for colour in (RIGHT, WRONG)]
+
+    right_only = [Pair(a.caption(i), 0, targets[i], b.clip(i)[0], b.clip(i)[0]) for i in range(4)]
+    wrong_only = [Pair(a.caption(i), 0, targets[i], a.clip(i)[0], a.clip(i)[0]) for i in range(4)]
+    mixed = [Pair(a.caption(i), 0, targets[i], a.clip(i)[0], b.clip(i)[0]) for i in range(4)]
+    (green, none), (no_green, red), (half_green, half_red) = (
+        count(right_only, "r.png"), count(wrong_only, "w.png"), count(mixed, "m.png")
+    )  # fmt: skip
+    assert none == 0 and no_green == 0 and green > 0 and red > 0
+    assert half_green == pytest.approx(green / 2, rel=0.02) and half_red == pytest.approx(red / 2, rel=0.02)
 
 
 # ---------------------------------------------------------------------------------------------- experiment
@@ -221,6 +270,43 @@ def test_unet3d_base_is_a_pixel_space_pipeline_folder_that_trains_and_samples(me
     )
     ((_, _, video),) = generate(components.pipeline(), ["a red circle moving up"], [0], 4, 2, 1.0, 16, 16)
     assert video.shape == (4, 16, 16, 3) and video.dtype == np.uint8
+
+
+def test_compare_draws_base_and_adapter_samples_of_the_same_noise(me, tmp_path):
+    """A zero-core adapter (the model unchanged) on the shipped base: its samples move exactly as the base's."""
+    from peft import get_peft_model
+
+    from tucker_lora import TuckerLoraConfig
+    from tucker_lora.video.pipeline import load_components
+
+    shipped = ROOT / "examples" / "motion_bases" / "unet3d"
+    unet = load_components(shipped).unet
+    config = TuckerLoraConfig(ranks=(4, 4, 3, 1, 1), target_modules=me.CONV_TARGETS["unet3d"])
+    adapter = tmp_path / "adapter"
+    get_peft_model(unet, config).save_pretrained(adapter)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    (adapter / "adapter_config.json").write_text(json.dumps({**settings, "base_model_name_or_path": str(shipped)}))
+    out = tmp_path / "grid.png"
+    prompts = ["a red circle moving left"]
+    scores = me.compare(adapter, out, torch.device("cpu"), prompts, [1], "reversed", 4, 2, 3.0)
+    assert scores["adapter"] == scores["base"]
+    with Image.open(out) as image:
+        assert image.size[0] > 8 * 4 * 16  # four frames enlarged eight times
+
+
+def test_shipped_unet3d_base_loads_its_vae_from_the_path_model_index_names():
+    from tucker_lora.video.motion import PixelSpaceVAE
+    from tucker_lora.video.pipeline import load_components
+
+    shipped = ROOT / "examples" / "motion_bases" / "unet3d"
+    assert json.loads((shipped / "model_index.json").read_text())["vae"] == [
+        "tucker_lora.video.motion",
+        "PixelSpaceVAE",
+    ]
+    vae = load_components(shipped).vae
+    assert type(vae) is PixelSpaceVAE
+    x = torch.rand(1, 3, 2, 16, 16) * 2 - 1
+    assert torch.equal(vae.encode(x).latent_dist.sample(), x) and torch.equal(vae.decode(x).sample, x)
 
 
 @pytest.mark.slow

@@ -36,7 +36,7 @@ from tucker_lora.video.data import (  # noqa: E402
     to_pixel_values,
 )
 from tucker_lora.video.ema import AdapterEMA  # noqa: E402
-from tucker_lora.video.media import frame_grid, write_video  # noqa: E402
+from tucker_lora.video.media import frame_grid, spread_frames, write_video  # noqa: E402
 from tucker_lora.video.metrics import read_log  # noqa: E402
 from tucker_lora.video.pipeline import load_components, tiny_components, tiny_tokenizer  # noqa: E402
 from tucker_lora.video.train import cli as train_cli  # noqa: E402
@@ -198,6 +198,21 @@ def test_write_video_mp4_gif_and_grid(tmp_path):
 
     with Image.open(grid) as image:
         assert image.size[0] == 2 + 3 * (128 + 2)  # three columns (t=0, mid, end), frames enlarged to 128
+
+
+def test_frame_grid_shows_the_chosen_frames_left_to_right(tmp_path):
+    assert spread_frames(5) == (0, 1, 2, 3, 4)  # every frame when there are at most 8
+    assert spread_frames(12) == (0, 2, 3, 5, 6, 8, 9, 11)  # round(k * 11 / 7), k = 0..7
+    frames = spread_frames(12)
+    grid = frame_grid([coded_video(12, 16, 16)], tmp_path / "g.png", labels=["a"], frames=frames)
+    with Image.open(grid) as image:
+        pixels = np.asarray(image.convert("RGB"))
+    assert pixels.shape[1] == 2 + 8 * (128 + 2)  # eight columns, 16-pixel frames enlarged 8 times
+    top = 12 + 12  # the column header, then the row's label
+    shown = [frame_index(pixels[top : top + 128, 2 + c * 130 : 2 + c * 130 + 128]) for c in range(8)]
+    assert shown == list(frames)
+    with pytest.raises(ValueError, match="no frame 12"):
+        frame_grid([coded_video(12, 16, 16)], tmp_path / "h.png", frames=[0, 12])
 
 
 def test_ema_follows_with_warmup_swaps_and_round_trips():

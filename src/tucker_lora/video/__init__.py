@@ -15,7 +15,7 @@ One module per job; diffusers, transformers, accelerate and PyAV are imported in
 - ``metrics``: the per-step JSONL log and peak memory;
 - ``distributed``: FSDP2 sharding through accelerate and gathering the adapter of a sharded model;
 - ``media``: MP4 / GIF writing and the PNG grid of frames t=0 / mid / end;
-- ``motion``: motion laws of the synthetic domains and the estimator of a clip's dominant motion;
+- ``motion``: the identity pixel-space VAE of the pixel-space demo base (``examples/motion_bases/unet3d``);
 - ``train`` / ``sample``: the command lines behind ``examples/train_text_to_video.py`` and
   ``examples/sample_text_to_video.py``.
 """

@@ -1,4 +1,4 @@
-"""Writing videos (MP4 through PyAV, GIF through Pillow) and the PNG grid of frames t=0 / mid / end.
+"""Writing videos (MP4 through PyAV, GIF through Pillow) and the PNG grid of their frames.
 
 A video here is a uint8 array of shape (T, H, W, 3), or a float array / tensor in [0, 1] of that
 shape (what diffusers pipelines return with ``output_type="np"``).
@@ -16,7 +16,7 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VIDEO_FORMATS", "frame_grid", "grid_frames", "to_uint8", "write_video"]
+__all__ = ["VIDEO_FORMATS", "frame_grid", "grid_frames", "spread_frames", "to_uint8", "write_video"]
 
 #: The file formats ``write_video`` writes (by suffix).
 VIDEO_FORMATS = ("mp4", "gif")
@@ -83,14 +83,23 @@ def grid_frames(num_frames: int) -> tuple[int, int, int]:
     return 0, (num_frames - 1) // 2, num_frames - 1
 
 
+def spread_frames(num_frames: int, count: int = 8) -> tuple[int, ...]:
+    """``count`` frame indices spread evenly from the first to the last (every frame if there are no more)."""
+    if num_frames <= count:
+        return tuple(range(num_frames))
+    return tuple(round(k * (num_frames - 1) / (count - 1)) for k in range(count))
+
+
 def frame_grid(
     videos: Sequence[Any],
     path: str | os.PathLike,
     labels: Sequence[str] | None = None,
     min_size: int = 128,
     pad: int = 2,
+    frames: Sequence[int] | None = None,
 ) -> Path:
-    """A PNG grid: one row per video, columns t=0, t=mid, t=end (the paper's temporal slices).
+    """A PNG grid: one row per video, one column per frame index of ``frames`` (default t=0, t=mid, t=end: the
+    paper's temporal slices), time running left to right.
 
     Small frames are enlarged (nearest neighbour) to at least ``min_size`` pixels; ``labels`` (one per
     row, e.g. the prompt and seed) are written above each row. Returns the path written.
@@ -104,7 +113,11 @@ def frame_grid(
     scale = max(1, -(-min_size // min(h, w)))
     ch, cw = h * scale, w * scale
     label_h = 12 if labels else 0
-    cols = ("t=0", "t=mid", "t=end")
+    if frames is None:
+        columns, cols = grid_frames(len(rows[0])), ("t=0", "t=mid", "t=end")
+    else:
+        columns = tuple(frames)
+        cols = tuple(f"t={t}" for t in columns)
     header = 12
     width = pad + len(cols) * (cw + pad)
     height = header + len(rows) * (label_h + ch + pad) + pad
@@ -119,7 +132,9 @@ def frame_grid(
         if labels:
             draw.text((pad + 2, y), str(labels[r]), fill=(0, 0, 0))
             y += label_h
-        for c, t in enumerate(grid_frames(len(video))):
+        for c, t in enumerate(grid_frames(len(video)) if frames is None else columns):
+            if not 0 <= t < len(video):
+                raise ValueError(f"frame_grid: video {r} has {len(video)} frames, no frame {t}")
             image = _pil(video[t]).resize((cw, ch), Image.NEAREST)
             grid.paste(image, (pad + c * (cw + pad), y))
         y += ch + pad

@@ -7,7 +7,8 @@ The base model is ``--pretrained_model_name_or_path`` (a local diffusers folder)
 ``base_model_name_or_path`` the adapter was trained on. The adapter (a peft ``save_pretrained`` folder:
 Tucker-LoRA or the LoRA baseline) runs unmerged, or merged into the weights with ``--merge``
 (``merge_and_unload``: a plain UNet, no adapter overhead). Without ``--adapter`` the base model samples.
-Each (prompt, seed) gives one MP4 (or GIF); ``grid.png`` shows frames t=0 / mid / end of them all.
+Each (prompt, seed) gives one MP4 (or GIF); ``grid.png`` shows them all, one row each, every frame left to right
+(at most 8, spread from the first to the last).
 """
 
 from __future__ import annotations
@@ -94,7 +95,7 @@ def load_adapted_unet(unet: Any, adapter: str | Path, merge: bool = False) -> An
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     """Sample and write the videos and the grid; returns ``{"videos": [paths], "grid": path}``."""
-    from .media import frame_grid, write_video
+    from .media import frame_grid, spread_frames, write_video
     from .pipeline import generate, load_components
 
     args = build_parser().parse_args(argv)
@@ -132,12 +133,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     for i, (prompt, seed, frames) in enumerate(videos):
         paths.append(write_video(frames, out / f"{i:02d}_seed{seed}.{args.video_format}", fps=args.fps))
         labels.append(f"{prompt} (seed {seed})")
-    grid = frame_grid([v for _, _, v in videos], out / "grid.png", labels=labels)
+    grid = frame_grid([v for _, _, v in videos], out / "grid.png", labels=labels, frames=spread_frames(args.num_frames))
     what = "base model" if adapter is None else f"adapter {adapter} ({'merged' if args.merge else 'unmerged'})"
     print(f"sampled {len(videos)} videos with {what} on {base}:")
     for path in paths:
         print(f"  {path}")
-    print(f"frame grid (t=0 / mid / end): {grid}")
+    print(f"frame grid (frames left to right): {grid}")
     return {"videos": paths, "grid": grid}
 
 
