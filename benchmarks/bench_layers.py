@@ -45,8 +45,7 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 
 from tucker_lora import TuckerLoraConfig, functional
-from tucker_lora.testing import saved_activation_bytes, sharing_copy
-from tucker_lora.video.metrics import peak_memory_added
+from tucker_lora.testing import peak_memory_added, saved_activation_bytes, sharing_copy
 
 
 @dataclass(frozen=True)

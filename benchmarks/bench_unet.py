@@ -33,8 +33,8 @@ import time
 import torch
 
 from tucker_lora import functional
-from tucker_lora.testing import sharing_copy
-from tucker_lora.video.metrics import peak_memory_added, peak_memory_mb
+from tucker_lora.testing import peak_memory_added, sharing_copy
+from tucker_lora.video.metrics import peak_memory_mb
 
 METHODS = ["frozen", "tucker (4,4,1,1,1)", "tucker (8,8,3,1,1)", "peft LoRA (matched)", "full fine-tuning"]
 #: ``--fused``: Tucker at the default ranks with the fused Triton kernels (``functional.fused_kernels``).

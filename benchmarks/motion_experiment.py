@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from motion_laws import LAWS, MotionDomainDataset, estimate_motion, law_velocity, motion_score
 from torch import nn
 
-from tucker_lora.video.metrics import peak_memory_added
+from tucker_lora.testing import peak_memory_added
 
 ROOT = Path(__file__).resolve().parents[1]
 BACKBONES = ("unet3d", "conv3d")

@@ -226,7 +226,7 @@ def test_matched_budget_baselines_are_within_5_percent_of_tucker(me, backbone, l
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
 def test_training_memory_is_what_the_block_adds_over_what_was_in_use():
-    from tucker_lora.video.metrics import peak_memory_added
+    from tucker_lora.testing import peak_memory_added
 
     device = torch.device("cpu")
     resident = torch.ones(48 * 2**20 // 4)  # in use before the block: not counted

@@ -18,8 +18,11 @@ deterministic given its seed and leaves the caller's global RNG state alone.
 
 from __future__ import annotations
 
+import contextlib
 import copy
-from collections.abc import Callable
+import ctypes
+import gc
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -36,6 +39,7 @@ __all__ = [
     "default_targets",
     "example_inputs",
     "model_output",
+    "peak_memory_added",
     "saved_activation_bytes",
     "sharing_copy",
     "tiny_conv3d_net",
@@ -213,3 +217,43 @@ def sharing_copy(module: nn.Module) -> nn.Module:
     """
     shared = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return copy.deepcopy(module, memo=shared)
+
+
+def _proc_status_kb(field_name: str) -> int:
+    """A ``/proc/self/status`` field in KiB (0 where there is no such file, off Linux)."""
+    with contextlib.suppress(OSError), open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    return 0
+
+
+def _release_free_heap() -> None:
+    """Return the C heap's free pages to the system (glibc ``malloc_trim``), so the resident size is what is in use
+    and a later rise of it is new memory, not the reuse of freed pages. No-op elsewhere."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+
+
+@contextlib.contextmanager
+def peak_memory_added(device: torch.device) -> Iterator[dict[str, float]]:
+    """``{"peak_mb": ...}`` after the block: the most memory the block added over what was in use when it began,
+    MiB. CUDA: max allocated less the allocated at the start; CPU (Linux): the process's peak RSS in the block
+    less its RSS at the start, with the free heap released first (``_release_free_heap``); 0 elsewhere."""
+    out: dict[str, float] = {}
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        start = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        _release_free_heap()
+        start = _proc_status_kb("VmRSS") * 1024
+        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+    yield out
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
+    else:
+        out["peak_mb"] = max(0, _proc_status_kb("VmHWM") * 1024 - start) / 2**20

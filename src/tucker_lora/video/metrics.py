@@ -1,4 +1,4 @@
-"""Per-step training metrics: the JSONL log and peak memory (so far, or added by a block of work).
+"""Per-step training metrics: the JSONL log and the peak memory so far.
 
 Each line of the log is one optimiser step: ``step``, ``epoch``, ``loss`` (mean over the accumulated
 micro-batches and the processes), ``lr``, ``videos_per_s`` (videos of the step over its wall time, all
@@ -8,14 +8,10 @@ processes), ``peak_memory_mb`` (CUDA's max allocated on a GPU, the process's pea
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
-import gc
 import json
 import os
 import resource
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +19,7 @@ import torch
 
 from ..io import staged_directory
 
-__all__ = ["TRAIN_LOG", "StepLog", "peak_memory_added", "peak_memory_mb", "read_log"]
+__all__ = ["TRAIN_LOG", "StepLog", "peak_memory_mb", "read_log"]
 
 #: The step log's file name in a training run's output folder.
 TRAIN_LOG = "train_log.jsonl"
@@ -35,46 +31,6 @@ def peak_memory_mb(device: torch.device) -> float:
         return torch.cuda.max_memory_allocated(device) / 2**20
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / 2**20 if sys.platform == "darwin" else rss / 2**10  # bytes on macOS, KiB on Linux
-
-
-def _proc_status_kb(field_name: str) -> int:
-    """A ``/proc/self/status`` field in KiB (0 where there is no such file, off Linux)."""
-    with contextlib.suppress(OSError), open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field_name + ":"):
-                return int(line.split()[1])
-    return 0
-
-
-def _release_free_heap() -> None:
-    """Return the C heap's free pages to the system (glibc ``malloc_trim``), so the resident size is what is in use
-    and a later rise of it is new memory, not the reuse of freed pages. No-op elsewhere."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-
-
-@contextlib.contextmanager
-def peak_memory_added(device: torch.device) -> Iterator[dict[str, float]]:
-    """``{"peak_mb": ...}`` after the block: the most memory the block added over what was in use when it began,
-    MiB. CUDA: max allocated less the allocated at the start; CPU (Linux): the process's peak RSS in the block
-    less its RSS at the start, with the free heap released first (``_release_free_heap``); 0 elsewhere."""
-    out: dict[str, float] = {}
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        start = torch.cuda.memory_allocated(device)
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        _release_free_heap()
-        start = _proc_status_kb("VmRSS") * 1024
-        with contextlib.suppress(OSError), open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # resets VmHWM to the current RSS
-    yield out
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-        out["peak_mb"] = (torch.cuda.max_memory_allocated(device) - start) / 2**20
-    else:
-        out["peak_mb"] = max(0, _proc_status_kb("VmHWM") * 1024 - start) / 2**20
 
 
 def read_log(path: str | os.PathLike) -> list[dict[str, Any]]:
