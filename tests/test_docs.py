@@ -39,9 +39,7 @@ README_MAX_LINES = 250
 FIGURE_DISTANCE = 12
 
 #: Pages and figures that other branches add (their links are checked once they exist); emptied at merge.
-PENDING = {
-    "docs/demo/motion_grid.png",
-}
+PENDING: set[str] = set()
 
 
 def doc_files() -> list[Path]:
