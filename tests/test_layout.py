@@ -169,7 +169,8 @@ def test_lower_floors_never_import_higher_ones():
             assert top in FLOORS, f"{name} has no floor in FLOORS (docs/design.md, 'Module layout')"
             for edge in edges:
                 other = edge.split(".")
-                if max(len(other), len(parts)) > 2 and other[:2] == parts[:2]:  # within one package of the core (export/, resize/)
+                # within one package of the core (export/, resize/)
+                if max(len(other), len(parts)) > 2 and other[:2] == parts[:2]:
                     continue
                 if len(other) > 1 and other[1] in SUBPACKAGES or edge == TEST_SUPPORT:
                     problems.append(f"{name} imports {edge}")
