@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import re
+import struct
 
 import peft.peft_model
 import pytest
@@ -12,6 +14,7 @@ from peft import PeftModel, get_peft_model
 
 from conftest import TARGETS
 from tucker_lora import AdapterFileError, TuckerLoraConfig, save_adapter
+from tucker_lora.io import check_safetensors
 
 
 @pytest.mark.parametrize(
@@ -106,6 +109,33 @@ def test_truncated_safetensors_names_the_file(toy, tmp_path):
     weights.write_bytes(data[: len(data) - 40])
     with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors' is truncated"):
         PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path)
+
+
+def test_trailing_bytes_after_the_tensor_data_name_the_file(toy, tmp_path):
+    """Bytes after the end of the tensor data: refused with the library's error naming the file (not safetensors')."""
+    _saved(toy, tmp_path)
+    weights = tmp_path / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes() + b"\0" * 16)
+    with pytest.raises(AdapterFileError, match=r"adapter_model\.safetensors' is corrupted: its header describes"):
+        PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path)
+
+
+def test_check_safetensors_on_a_file_written_byte_by_byte(tmp_path):
+    """The layout by hand (8-byte little-endian header length, JSON header, tensor bytes): the exact file passes
+    and loads; one extra byte or one missing byte is an error naming the file and both sizes."""
+    from safetensors.torch import load_file
+
+    header = json.dumps({"t": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    exact = struct.pack("<Q", len(header)) + header + struct.pack("<2f", 1.0, 2.0)
+    path = tmp_path / "hand.safetensors"
+    path.write_bytes(exact)
+    assert check_safetensors(path)["t"]["data_offsets"] == [0, 8]
+    assert load_file(path)["t"].tolist() == [1.0, 2.0]
+    for data, kind, holds in ((exact + b"x", "corrupted", 9), (exact[:-1], "truncated", 7)):
+        path.write_bytes(data)
+        message = f"'{path}' is {kind}: its header describes 8 bytes of tensor data, the file holds {holds}"
+        with pytest.raises(AdapterFileError, match=re.escape(message)):
+            check_safetensors(path)
 
 
 @pytest.mark.parametrize("damage", ["header", "short", "garbage"])

@@ -33,6 +33,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import tucker_lora
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 README_MAX_LINES = 250
@@ -129,6 +131,18 @@ def check_usage(ns: dict, cwd: Path) -> None:
         out_base = ns["base_unet"]().eval()(*args).sample
     torch.testing.assert_close(out_merged, ns["adapted"], atol=1e-5, rtol=1e-4)
     assert (out_base - ns["adapted"]).abs().max() > 1e-3  # the trained adapter changes the output
+    # and the merged model is the base with W + alpha * dW, dW an einsum of each trained layer's core and factors
+    by_hand = ns["base_unet"]().eval()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, tucker_lora.TuckerLoraLayer)]
+    assert len(layers) == 48
+    with torch.no_grad():
+        for name, layer in layers:
+            core, factors = layer.tucker_lora_core["default"], layer.factors("default")
+            src, dst = "abcde"[: core.ndim], "ABCDE"[: core.ndim]
+            expr = src + "," + ",".join(d + c for d, c in zip(dst, src, strict=True)) + "->" + dst
+            weight = by_hand.get_submodule(name.removeprefix("base_model.model.")).weight
+            weight += layer.alpha["default"] * torch.einsum(expr, core, *factors)
+        torch.testing.assert_close(out_merged, by_hand(*args).sample, atol=1e-5, rtol=1e-4)
 
 
 def check_initialisation(ns: dict, cwd: Path) -> None:

@@ -269,6 +269,29 @@ def test_untested_accelerate_is_refused_before_its_state_is_written(monkeypatch)
             ShardedCheckpointing(acc, None, None)
 
 
+def test_fsdp_version_1_is_refused_and_2_accepted(monkeypatch):
+    """An accelerate config with ``fsdp_version: 1`` stops with a message naming the version and FSDP2."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tucker_lora.errors import InputError
+    from tucker_lora.video.distributed import enable_fsdp
+
+    def accelerator(version: int) -> SimpleNamespace:
+        plugin = SimpleNamespace(fsdp_version=version)
+        return SimpleNamespace(
+            state=SimpleNamespace(distributed_type=DistributedType.FSDP, fsdp_plugin=plugin), mixed_precision="no"
+        )
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    with pytest.raises(InputError, match=r"fsdp_version 1 in the accelerate config: .*needs FSDP2 \(fsdp_version: 2"):
+        enable_fsdp(accelerator(1))
+    assert enable_fsdp(accelerator(2)) is True
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "false")
+    assert enable_fsdp(accelerator(1)) is False  # no FSDP asked for: nothing to refuse
+
+
 def test_optimizer_state_keys_convert_to_torchs_own_format_and_back():
     """The sharded checkpoint's optimizer.bin is torch's ``Optimizer.state_dict()`` (integer keys)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict

@@ -33,6 +33,10 @@ def rel_error(X: torch.Tensor, core: torch.Tensor, factors: list[torch.Tensor]) 
     return float(torch.linalg.vector_norm(X - reconstruct(core, factors)) / torch.linalg.vector_norm(X))
 
 
+def unfolding_np(X: np.ndarray, n: int) -> np.ndarray:
+    return np.moveaxis(X, n, 0).reshape(X.shape[n], -1)
+
+
 def projector(U: torch.Tensor) -> np.ndarray:
     U = U.detach().double().numpy()
     return U @ U.T
@@ -43,6 +47,18 @@ def sin_max_angle(U: torch.Tensor, V: torch.Tensor) -> float:
     Qu = np.linalg.qr(U.detach().double().numpy())[0]
     Qv = np.linalg.qr(V.detach().double().numpy())[0]
     return float(np.linalg.norm(Qv - Qu @ (Qu.T @ Qv), 2))
+
+
+def np_project(X: np.ndarray, factors: list[np.ndarray]) -> np.ndarray:
+    """``X x_1 U_1^T ... x_N U_N^T`` with numpy's tensordot, one mode at a time (independent of the library)."""
+    for n, U in enumerate(factors):
+        X = np.moveaxis(np.tensordot(U.T, X, axes=([1], [n])), 0, n)
+    return X
+
+
+def np_energy(X: np.ndarray, factors: list[np.ndarray]) -> float:
+    """Share of ``||X||^2`` in its projection onto orthonormal factors: ``||X x_n U_n^T||^2 / ||X||^2``."""
+    return float(np.sum(np_project(X, factors) ** 2) / np.sum(X**2))
 
 
 def planted(shape, ranks, seed=0, noise=0.0, dtype=torch.float64):
@@ -82,7 +98,7 @@ def test_hosvd_matches_numpy_svd_of_each_unfolding(shape, ranks, method):
         np.testing.assert_allclose(U.T @ U, np.eye(r), atol=1e-12)
         ref = np.linalg.svd(unfold(X, n).numpy())[0][:, :r]
         np.testing.assert_allclose(projector(U), ref @ ref.T, atol=1e-9)
-    torch.testing.assert_close(core, X if X.ndim == 0 else tdec.project(X, dict(enumerate(factors))))
+    np.testing.assert_allclose(core.numpy(), np_project(X.numpy(), [U.numpy() for U in factors]), atol=1e-12)
 
 
 def test_leading_subspace_methods_agree_and_complete():
@@ -159,11 +175,26 @@ def test_hosvd_hooi_rank_rules():
 
 
 def test_dtypes_and_devices():
+    """A float16 tensor is decomposed in float32, a float64 one in float64; the values are those of numpy's SVD of
+    each unfolding of the same numbers (HOSVD) and the core their projection; HOOI's error is tensorly's."""
     X = torch.randn(10, 8, 3, generator=gen(0)).half()
-    core, factors = hooi(X, (2, 2, 1))
+    X64 = X.double().numpy()  # the float16 values exactly
+    ranks = (2, 2, 1)
+    for method, dtype, tol in ((hosvd, torch.float32, 1e-5), (hosvd, torch.float64, 1e-12)):
+        core, factors = method(X.to(dtype) if dtype == torch.float64 else X, ranks)
+        assert core.dtype == dtype and all(U.dtype == dtype for U in factors)
+        for n, (U, r) in enumerate(zip(factors, ranks, strict=True)):
+            ref = np.linalg.svd(unfolding_np(X64, n))[0][:, :r]
+            np.testing.assert_allclose(projector(U), ref @ ref.T, atol=tol)
+        expected = np_project(X64, [U.double().numpy() for U in factors])
+        np.testing.assert_allclose(core.double().numpy(), expected, atol=tol * np.abs(X64).max())
+    core, factors = hooi(X, ranks, n_iter_max=200, tol=1e-12)
     assert core.dtype == torch.float32 and all(U.dtype == torch.float32 for U in factors)
-    core64, _ = hosvd(X.double(), (2, 2, 1))
-    assert core64.dtype == torch.float64
+    with tl.backend_context("numpy"):
+        ref_core, ref_factors = tl_tucker(X64, rank=list(ranks), n_iter_max=200, tol=1e-12, init="svd")
+        ref_error = np.linalg.norm(X64 - tl.tucker_to_tensor((ref_core, ref_factors))) / np.linalg.norm(X64)
+    error = np.linalg.norm(X64 - reconstruct(core, factors).double().numpy()) / np.linalg.norm(X64)
+    assert error == pytest.approx(ref_error, abs=1e-5)
 
 
 # --------------------------------------------------------------------------------------- Proposition 4
@@ -275,6 +306,30 @@ def test_config_accepts_the_init_names_and_round_trips(toy, video, tmp_path, mon
     torch.testing.assert_close(loaded(video), model(video))
 
 
+def test_from_pretrained_trainable_with_a_hosvd_config_loads_the_checkpoint_and_trains(toy, video, tmp_path):
+    """``PeftModel.from_pretrained(..., is_trainable=True)`` on an adapter saved with ``init_weights="hosvd"``: every
+    adapter tensor is the saved one (the checkpoint overwrites the decomposition), trainable, and a step moves it."""
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    model = get_peft_model(copy.deepcopy(toy), TuckerLoraConfig(target_modules=TARGETS, init_weights="hosvd"))
+    g = gen(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.1 * torch.randn(p.shape, generator=g))
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "adapter_model.safetensors")
+    loaded = PeftModel.from_pretrained(copy.deepcopy(toy), tmp_path, is_trainable=True)
+    params = {n: p for n, p in loaded.named_parameters() if "tucker_lora_" in n}
+    assert len(params) == len(saved) and all(p.requires_grad for p in params.values())
+    for key, value in saved.items():  # peft saves "...tucker_lora_core" for "...tucker_lora_core.default"
+        torch.testing.assert_close(params[f"{key}.default"], value, rtol=0, atol=0)
+    torch.testing.assert_close(loaded(video), model(video), rtol=0, atol=0)
+    loaded(video).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for n, p in params.items() if "core" in n)
+
+
 def test_init_from_weights_on_a_diffusers_unet(caplog):
     unet = tiny_unet3d()
     inputs = example_inputs(unet)
@@ -284,7 +339,16 @@ def test_init_from_weights_on_a_diffusers_unet(caplog):
     with caplog.at_level("INFO", logger="tucker_lora"):
         energies = init_from_weights(model, "hooi", progress=False)
     assert len(energies) == len(model.base_model.targeted_module_names) == 48
-    assert all(0 < e <= 1 for e in energies.values())
+    layers = dict(model.named_modules())
+    for name, energy in energies.items():  # the share of the weight (at the centre taps) in its projection
+        layer = layers[name]
+        mr = layer.mode_ranks["default"]
+        W = layer.get_base_layer().weight.detach().double().numpy()
+        X = W[tuple(slice(d // 2, d // 2 + 1) if p else slice(None) for d, p in zip(mr.dims, mr.pinned, strict=True))]
+        taps = (d // 2 for d in mr.dims)
+        factors = [U.detach().double().numpy() for U in layer.factors("default")]
+        free = [U[i : i + 1] if p else U for U, p, i in zip(factors, mr.pinned, taps, strict=True)]
+        assert energy == pytest.approx(np_energy(X, free), abs=1e-4), name
     summary = [r.getMessage() for r in caplog.records if "captured energy mean" in r.getMessage()]
     assert len(summary) == 2 and any("Conv3d" in s for s in summary) and any("Conv2d" in s for s in summary)
     with torch.no_grad():
@@ -351,8 +415,12 @@ def test_gradient_hooi_init_beats_random_orthonormal_init_after_one_step():
         model = get_peft_model(student, TuckerLoraConfig(target_modules=["conv"], ranks=ranks))
         layer = model.base_model.model.conv
         if init == "gradient":
+            X = dense_gradient(model, layer, batches, mse).double().numpy()
             energies = init_from_gradients(model, batches, mse, "hooi", progress=False)
-            assert next(iter(energies.values())) > 0.5
+            # the sketches are as large as the layer here (12 channels <= r + oversample): the proxy is the gradient
+            factors = [U.detach().double().numpy() for U in layer.factors("default")]
+            (energy,) = energies.values()
+            assert energy == pytest.approx(np_energy(X, factors), abs=1e-5) and energy > 0.5
             for U, V in zip(layer.factors("default"), planted_factors, strict=True):
                 assert sin_max_angle(U, V) < 0.2  # the gradient's leading subspaces are the planted ones
         elif init == "oracle":

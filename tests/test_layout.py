@@ -197,7 +197,7 @@ def test_no_production_module_imports_the_test_support_module():
 OUTSIDE = re.compile(
     "|".join([r"DESIGN" + r"\.md", r"/work" + r"/", r"five-mode-tucker-lora" + r"\.txt", "layout-" + "sketch"])
 )
-SCANNED = ["src", "tests", "benchmarks", "examples", "docs"]
+SCANNED = ["src", "tests", "benchmarks", "examples", "docs", "tools"]
 
 
 @pytest.mark.parametrize("folder", SCANNED)

@@ -240,6 +240,30 @@ def test_add_weighted_adapter_keeps_pinned_modes_pinned(toy):
     assert _layers(pm)["conv3d"].mode_ranks["mix"].pinned[2]
 
 
+def test_rank_clipping_is_logged_once(monkeypatch, caplog):
+    """Ranks above the mode sizes: one INFO line per layer type and clipping for the whole process, naming the
+    clipped modes, however many layers and models clip the same way; nothing when no rank is clipped."""
+    import logging
+
+    import tucker_lora.layer
+
+    monkeypatch.setattr(tucker_lora.layer, "_CLIPPING_REPORTED", set())
+
+    def net() -> torch.nn.Sequential:
+        return torch.nn.Sequential(*[torch.nn.Conv2d(4, 4, 3) for _ in range(3)])
+
+    def clipping_lines(ranks) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="tucker_lora"):
+            get_peft_model(net(), _config(target_modules=["0", "1", "2"], ranks=ranks))
+        return [r.getMessage() for r in caplog.records if "clipped" in r.getMessage()]
+
+    assert clipping_lines((2, 2, 1, 1, 1)) == []
+    (line,) = clipping_lines((8, 8, 1, 3, 5))
+    assert "Conv2d" in line and "r_o 8 -> 4, r_i 8 -> 4, r_w 5 -> 3" in line
+    assert clipping_lines((8, 8, 1, 3, 5)) == []  # a second model clipping the same way: already said
+
+
 def test_import_registers_a_real_peft_type():
     from peft import PeftType
     from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from peft import get_peft_model
 from torch import nn
@@ -76,13 +77,40 @@ conv_settings = st.fixed_dictionaries(
 )
 
 
+def _edge(dims: int, **kw) -> dict:
+    """A ``conv_settings`` draw: a plain stride-1 conv of kernel 2 with ``padding="same"`` (an odd total pad, split
+    unevenly), alpha 2 and trained kernel modes, with ``kw`` changed."""
+    cfg = {"dims": dims, "stride": 1, "dilation": 1, "padding": "same", "padding_mode": "zeros", "bias": True}
+    cfg |= {"kernel": 2, "in_ch": 3, "out_ch": 4, "ranks": (2, 3, 2, 2, 2), "alpha": 2.0}
+    return cfg | kw
+
+
+#: Draws every run must include, whatever the fixed draws hold: even kernels with "same" on each Conv
+#: (the asymmetric split), every padding mode with "same" and with an int, alpha != 1 with pinned modes.
+EDGE_CASES = [
+    *(_edge(dims) for dims in (1, 2, 3)),
+    _edge(2, kernel=2, dilation=2),  # even total pad 2: the symmetric branch
+    _edge(3, kernel=3, dilation=1, alpha=-0.5, ranks=(2, 2, 0, 1, 0)),
+    *(_edge(2, padding_mode=m) for m in ("reflect", "replicate", "circular")),
+    *(_edge(1, padding=2, kernel=3, padding_mode=m) for m in ("zeros", "reflect", "replicate", "circular")),
+]
+
+
+def _with_edge_cases(test):
+    """``test`` with an explicit hypothesis ``@example`` for each of ``EDGE_CASES`` (seed 0)."""
+    for cfg in reversed(EDGE_CASES):
+        test = example(cfg=cfg, seed=0)(test)
+    return test
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("mode", MODES)
 @settings(max_examples=25, deadline=None)
 @given(cfg=conv_settings, seed=st.integers(0, 2**16))
+@_with_edge_cases
 def test_paths_match_reference_in_forward_and_every_gradient(mode, device, cfg, seed):
     if cfg["padding"] == "same" and cfg["stride"] > 1:
-        cfg["stride"] = 1
+        cfg = cfg | {"stride": 1}
     torch.manual_seed(seed)
     conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dims"]]
     base = conv_cls(
@@ -406,3 +434,145 @@ def test_merged_scratch_survives_inference_mode_and_training_in_any_order(first,
         with contexts[name]():
             torch.testing.assert_close(layer(x), ref, atol=1e-10, rtol=1e-10)
     _assert_matches_reference(layer, base, x.clone().requires_grad_(True))
+
+
+# ---------------------------------------------------------------------------------------------- edge cases
+def _dense_delta(layer: TuckerLoraLayer, name: str, alpha: float) -> torch.Tensor:
+    """``alpha G x_1 U_o x_2 U_i ...`` as one einsum of the layer's parameters (pinned modes: a one-hot at
+    ``dim // 2``, built here), differentiable in them: independent of the adapter's own products."""
+    mr = layer.mode_ranks[name]
+    core = layer.tucker_lora_core[name]
+    factors = []
+    for mode, dim, pinned in zip(mr.modes, mr.dims, mr.pinned, strict=True):
+        if pinned:
+            U = torch.zeros(dim, 1, dtype=core.dtype, device=core.device)
+            U[dim // 2, 0] = 1.0
+        else:
+            U = getattr(layer, f"tucker_lora_U_{mode}")[name]
+        factors.append(U)
+    src, dst = "abcde"[: core.ndim], "ABCDE"[: core.ndim]
+    expr = src + "," + ",".join(d + s for d, s in zip(dst, src, strict=True)) + "->" + dst
+    return alpha * torch.einsum(expr, core, *factors)
+
+
+def _without_bias(base: nn.Module) -> nn.Module:
+    conv = copy.deepcopy(base)
+    conv.bias = None
+    return conv
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("dims", [1, 2, 3])
+@pytest.mark.parametrize("kernel", [2, 4])
+def test_even_kernel_same_padding_matches_explicitly_padded_conv(kernel, dims, mode):
+    """``padding="same"`` with an even kernel pads ``t // 2`` in front and the rest behind (t = k - 1, odd), as
+    torch does: the adapted layer equals F.conv*d of the explicitly padded input with ``W + alpha dW`` (dW an
+    einsum of its parameters) and torch's own ``padding="same"`` layer with that weight."""
+    torch.manual_seed(0)
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[dims]
+    base = conv_cls(3, 4, kernel, padding="same").double()
+    layer = _adapt(base, (2, 3, 2, 2, 2), mode, alpha=2.0).double()
+    x = torch.randn(2, 3, *[6] * dims, dtype=torch.float64, requires_grad=True)
+    W = base.weight + _dense_delta(layer, "default", 2.0)
+    t = kernel - 1
+    explicit = F.pad(x, [t // 2, t - t // 2] * dims)
+    ref = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}[dims](explicit, W, base.bias)
+    y = layer(x)
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    torch.testing.assert_close(_reference(base, x, W), ref, atol=1e-10, rtol=1e-10)  # torch's own "same"
+    dy = torch.randn_like(ref)
+    params = _adapter_params(layer)
+    got = torch.autograd.grad(y, [x, *params.values()], dy)
+    expected = torch.autograd.grad(ref, [x, *params.values()], dy)
+    for name, a, b in zip(["x", *params], got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=name)
+
+
+#: Eager-path draws every run includes: several adapters at alpha != 1, dropout, both, an even kernel with "same".
+EAGER_EDGE_CASES = [
+    {"adapters": 2, "dropout": 0.0, "alpha": 2.0, "cfg": _edge(3, kernel=3, padding=1)},
+    {"adapters": 1, "dropout": 0.5, "alpha": -0.5, "cfg": _edge(2, kernel=3, padding=1, padding_mode="reflect")},
+    {"adapters": 2, "dropout": 0.5, "alpha": 2.0, "cfg": _edge(1)},
+    {"adapters": 2, "dropout": 0.0, "alpha": 3.0, "cfg": _edge(2)},
+]
+
+
+def _eager_config(ranks, alpha: float, case: dict) -> TuckerLoraConfig:
+    return TuckerLoraConfig(target_modules=["0"], ranks=ranks, alpha=alpha, dropout=case["dropout"], init_weights=False)
+
+
+@settings(max_examples=10, deadline=None)
+@given(
+    case=st.fixed_dictionaries(
+        {
+            "adapters": st.integers(1, 2),
+            "dropout": st.sampled_from([0.0, 0.5]),
+            "alpha": st.sampled_from([1.0, -0.5, 2.0]),
+            "cfg": conv_settings,
+        }
+    ),
+    seed=st.integers(0, 2**16),
+)
+@example(case=EAGER_EDGE_CASES[0], seed=0)
+@example(case=EAGER_EDGE_CASES[1], seed=0)
+@example(case=EAGER_EDGE_CASES[2], seed=0)
+@example(case=EAGER_EDGE_CASES[3], seed=0)
+def test_eager_path_matches_the_dense_weights(case, seed):
+    """Several active adapters or adapter dropout (the eager factored path, in training): the output and the
+    gradients of x and of every adapter parameter equal those of ``base(x) + sum_a conv(dropout_a(x), alpha_a dW_a)``
+    with each dW_a an einsum of its parameters and the same dropout masks (drawn in the order of the adapters)."""
+    cfg, n = case["cfg"], case["adapters"]
+    if cfg["padding"] == "same":
+        cfg = cfg | {"stride": 1}
+    if n == 1 and case["dropout"] == 0.0:
+        case = case | {"dropout": 0.5}  # one adapter without dropout takes AdaptedConv, tested above
+    torch.manual_seed(seed)
+    conv_cls = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[cfg["dims"]]
+    base = conv_cls(
+        cfg["in_ch"], cfg["out_ch"], cfg["kernel"], stride=cfg["stride"], padding=cfg["padding"],
+        dilation=cfg["dilation"], padding_mode=cfg["padding_mode"], bias=cfg["bias"],
+    ).double()  # fmt: skip
+    alphas = {"default": case["alpha"], "second": cfg["alpha"]}
+    names = list(alphas)[:n]
+    ranks = {"default": cfg["ranks"], "second": (2, 1, 2, 1, 2)}
+    pm = get_peft_model(nn.Sequential(copy.deepcopy(base)), _eager_config(ranks["default"], alphas["default"], case))
+    if n == 2:
+        pm.add_adapter("second", _eager_config(ranks["second"], alphas["second"], case))
+        pm.base_model.set_adapter(names)
+    pm.double().train()
+    layer = pm.base_model.model[0]
+    assert layer._choose_path(torch.empty(1, cfg["in_ch"], 7), layer.get_base_layer(), names) == "eager"
+    x = torch.randn(2, cfg["in_ch"], *[7] * cfg["dims"], dtype=torch.float64, requires_grad=True)
+    torch.manual_seed(seed + 1)
+    y = pm(x)
+    torch.manual_seed(seed + 1)
+    dropped = [F.dropout(x, case["dropout"], training=True) if case["dropout"] else x for _ in names]
+    update = _without_bias(base)
+    ref = _reference(base, x, base.weight)
+    for a, x_a in zip(names, dropped, strict=True):
+        ref = ref + torch.func.functional_call(update, {"weight": _dense_delta(layer, a, alphas[a])}, (x_a,))
+    torch.testing.assert_close(y, ref, atol=1e-10, rtol=1e-10)
+    params = _adapter_params(layer)
+    assert len(params) > 0
+    dy = torch.randn_like(ref)
+    got = torch.autograd.grad(y, [x, *params.values()], dy)
+    expected = torch.autograd.grad(ref, [x, *params.values()], dy)
+    for pname, a, b in zip(["x", *params], got, expected, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-9, rtol=1e-9, msg=pname)
+
+
+def test_auto_on_cuda_is_always_factored():
+    """On CUDA ``auto`` never merges, in training or inference, whatever the ratio of weight to activations (the
+    CPU merges the smallest weights there); a stand-in for a CUDA input reaches the same choice through the layer."""
+    sizes = [(10, 10**7, 10**7), (10**3, 10**5, 10**5), (10**6, 10**3, 10**3), (1, 1, 1)]
+    for grad in (True, False):
+        assert functional.choose_path(10, 10**6, 10**6, "cpu", grad=grad) == "merged"
+        for weight, x, y in sizes:
+            assert functional.choose_path(weight, x, y, "cuda", grad=grad) == "factored", (weight, x, y, grad)
+    layer = _adapt(nn.Conv3d(8, 8, 3, padding=1), (4, 4, 1, 1, 1), "auto")
+    big_input = torch.empty(1, 8, 8, 16, 16)
+    assert layer._choose_path(big_input, layer.get_base_layer(), ["default"]) == "merged"  # on the CPU
+    cuda_like = SimpleNamespace(numel=big_input.numel, device=torch.device("cuda"))
+    for grad in (True, False):
+        with torch.set_grad_enabled(grad):
+            assert layer._choose_path(cuda_like, layer.get_base_layer(), ["default"]) == "factored"

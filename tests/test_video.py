@@ -323,6 +323,30 @@ def test_lora_baseline_rank_matches_the_tucker_parameter_count(backbone):
     assert sorted(peft_lora.base_model.targeted_module_names) == sorted(tucker.layers)
 
 
+def test_lora_baseline_scales_its_update_by_alpha():
+    """``--method lora`` (``plan_adapter("lora", ...)``) applies ``alpha * B A`` as Tucker-LoRA applies
+    ``alpha * dW``: peft's ``lora_alpha / r`` is alpha. Each adapted layer equals its base conv with the weight
+    ``W + alpha * B A`` (B A from the two LoRA weights by hand)."""
+    import copy
+
+    unet = tiny_components("unet3d").unet
+    alpha = 2.5
+    plan = plan_adapter("lora", unet, (4, 4, 1, 1, 1), alpha=alpha, lora_rank=3)
+    assert plan.config.r == 3 and plan.config.lora_alpha == alpha * 3
+    model = get_peft_model(copy.deepcopy(unet), plan.config)
+    g = torch.Generator().manual_seed(0)
+    for name in plan.layers[:2] + plan.layers[-1:]:
+        layer = model.base_model.model.get_submodule(name)
+        base = layer.get_base_layer()
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        with torch.no_grad():
+            B.copy_(torch.randn(B.shape, generator=g))
+            dW = (B.flatten(1) @ A.flatten(1)).view(base.weight.shape)
+            x = torch.randn(1, base.weight.shape[1], *[5] * (base.weight.ndim - 2), generator=g)
+            ref = torch.func.functional_call(base, {"weight": base.weight + alpha * dW}, (x,))
+            torch.testing.assert_close(layer(x), ref, atol=1e-5, rtol=1e-5, msg=name)
+
+
 @pytest.mark.parametrize("backbone", ["unet3d", "animatediff"])
 def test_gradient_checkpointing_gives_the_same_gradients(backbone):
     from diffusers import DDPMScheduler
