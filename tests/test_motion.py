@@ -335,3 +335,26 @@ def test_quick_experiment_runs_end_to_end(tmp_path):
     # a second run finds the bases in the cache and skips pretraining
     proc = subprocess.run(cmd + ["--methods", "tucker (4,4,0"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.count("from the cache") == 2, proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("proxy", ["weight", "gradient"])
+def test_allocated_method_stays_within_the_uniform_tuples_budget(me, proxy):
+    cfg = small_config(me)
+    base = me.build_model("conv3d", cfg).requires_grad_(False)
+    text = me.TextEncoder(torch.device("cpu"))
+    calibration = me.calibration_batches(me.make_clips(cfg.law_b, 8, cfg), text, cfg, count=2)
+    assert me.calibration_batches(me.make_clips(cfg.law_b, 8, cfg), text, cfg, count=2)[1]["sample"].equal(
+        calibration[1]["sample"]
+    )  # the same batches for every method and seed
+    for ranks in ((4, 4, 1, 1, 1), (8, 8, 3, 3, 3)):
+        uniform = me.adapt(base, "conv3d", f"tucker {ranks}".replace(", ", ","))
+        allocated = me.adapt(base, "conv3d", f"allocated ({proxy}) ~ tucker {ranks}".replace(", ", ","), calibration)
+        # counted from the modules peft built
+        built = sum(p.numel() for p in allocated.model.parameters() if p.requires_grad)
+        assert built == allocated.num_params
+        assert uniform.num_params - 200 < built <= uniform.num_params
+        chosen = set(allocated.rank_pattern.values())
+        assert len(chosen) > 1 and chosen != {ranks}  # per-layer ranks, not the uniform tuple
+        assert set(allocated.rank_pattern) == set(me.target_names(base, me.CONV_TARGETS["conv3d"]))
+    with pytest.raises(ValueError, match="calibration batches"):
+        me.adapt(base, "conv3d", "allocated (gradient) ~ tucker (4,4,1,1,1)")
