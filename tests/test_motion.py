@@ -358,3 +358,21 @@ def test_allocated_method_stays_within_the_uniform_tuples_budget(me, proxy):
         assert set(allocated.rank_pattern) == set(me.target_names(base, me.CONV_TARGETS["conv3d"]))
     with pytest.raises(ValueError, match="calibration batches"):
         me.adapt(base, "conv3d", "allocated (gradient) ~ tucker (4,4,1,1,1)")
+
+
+def test_merge_keeps_the_earlier_runs_in_preset_order_and_refuses_another_configuration(me, tmp_path):
+    cfg = me.dataclasses.replace(me.PRESETS["cpu"], methods=me.ALLOCATED_METHODS[1:2])
+    new, old = "allocated (weight) ~ tucker (4,4,1,1,1)", ["tucker (8,8,3,3,3)", "tucker (4,4,1,1,1)"]
+    runs = [{"backbone": "conv3d", "method": m, "seed": s} for s in (1, 0) for m in [*old, new]]
+    prior = {"config": json.loads(json.dumps(me.dataclasses.asdict(me.PRESETS["cpu"]))), "bases": {"conv3d": {}}}
+    (tmp_path / "results.json").write_text(json.dumps({**prior, "runs": runs}))
+    kept, _, _ = me.merge_base(cfg, ["conv3d"], tmp_path)
+    assert kept == [r for r in runs if r["method"] != new]  # the method run again is dropped
+    ordered = me.merged_order([*kept, {"backbone": "conv3d", "method": new, "seed": 0}], me.PRESETS["cpu"].methods)
+    assert [(r["method"], r["seed"]) for r in ordered] == [
+        (old[1], 0), (old[1], 1), (new, 0), (old[0], 0), (old[0], 1)
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="another configuration .*steps"):
+        me.merge_base(me.dataclasses.replace(cfg, steps={"unet3d": 1, "conv3d": 1}), ["conv3d"], tmp_path)
+    with pytest.raises(SystemExit, match="no runs of \\['unet3d'\\]"):
+        me.merge_base(cfg, ["unet3d"], tmp_path)
