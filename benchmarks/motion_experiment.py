@@ -12,7 +12,9 @@ frames tells the domains apart. Pixel space, 8 frames of 16x16.
 2. Adapt each base to B with every method, the same steps, lr schedule, data order, noise and seeds:
    Tucker-LoRA (4,4,r_t,1,1) for r_t in {0, 1, 3}, (8,8,3,1,1), (8,8,3,3,3); peft LoRA and LyCORIS
    LoCon-Tucker with per-layer ranks matched to Tucker (8,8,3,3,3)'s parameter count (within 5%); full
-   fine-tuning. Targets: the convolutions only; then with the attention / conditioning Linear layers too.
+   fine-tuning; per-layer ranks from ``tucker_lora.allocate_ranks`` (gradient or weight proxy) at the parameter
+   counts of (4,4,1,1,1) and (8,8,3,3,3). Targets: the convolutions only; then with the attention / conditioning
+   Linear layers too.
 3. Metrics: held-out denoising loss on B (fixed clips, timesteps and noise: deterministic) against steps;
    motion score of DDIM samples of B prompts (fraction moving in the prompt's direction, velocity error in
    pixels per frame); trainable parameters, training wall time, training memory (the peak that training adds over
@@ -27,6 +29,7 @@ against steps per method), ``grid_<backbone>.png`` (A-base / B-target / B-base /
     python benchmarks/motion_experiment.py --device cuda --preset gpu --backbones unet3d --max_minutes 3 \
         --out outputs/motion_gpu          # H100: pretraining (at most 3 min of training) + 3 min of runs
     python benchmarks/motion_experiment.py report outputs/motion                  # the tables of finished runs
+    python benchmarks/motion_experiment.py --methods allocated --merge --out outputs/motion   # add methods to it
 
 Helpers for ``make demo``: ``base`` (the pretrained UNet3D pipeline folder: pretrain once and cache),
 ``domain`` (domain-B clips as GIFs + captions.csv for ``examples/train_text_to_video.py --data_dir``),
