@@ -12,7 +12,9 @@ frames tells the domains apart. Pixel space, 8 frames of 16x16.
 2. Adapt each base to B with every method, the same steps, lr schedule, data order, noise and seeds:
    Tucker-LoRA (4,4,r_t,1,1) for r_t in {0, 1, 3}, (8,8,3,1,1), (8,8,3,3,3); peft LoRA and LyCORIS
    LoCon-Tucker with per-layer ranks matched to Tucker (8,8,3,3,3)'s parameter count (within 5%); full
-   fine-tuning. Targets: the convolutions only; then with the attention / conditioning Linear layers too.
+   fine-tuning; per-layer ranks from ``tucker_lora.allocate_ranks`` (gradient or weight proxy) at the parameter
+   counts of (4,4,1,1,1) and (8,8,3,3,3). Targets: the convolutions only; then with the attention / conditioning
+   Linear layers too.
 3. Metrics: held-out denoising loss on B (fixed clips, timesteps and noise: deterministic) against steps;
    motion score of DDIM samples of B prompts (fraction moving in the prompt's direction, velocity error in
    pixels per frame); trainable parameters, training wall time, training memory (the peak that training adds over
@@ -27,6 +29,7 @@ against steps per method), ``grid_<backbone>.png`` (A-base / B-target / B-base /
     python benchmarks/motion_experiment.py --device cuda --preset gpu --backbones unet3d --max_minutes 3 \
         --out outputs/motion_gpu          # H100: pretraining (at most 3 min of training) + 3 min of runs
     python benchmarks/motion_experiment.py report outputs/motion                  # the tables of finished runs
+    python benchmarks/motion_experiment.py --methods allocated --merge --out outputs/motion   # add methods to it
 
 Helpers for ``make demo``: ``base`` (the pretrained UNet3D pipeline folder: pretrain once and cache),
 ``domain`` (domain-B clips as GIFs + captions.csv for ``examples/train_text_to_video.py --data_dir``),
@@ -133,10 +136,29 @@ CONV_METHODS = (
     "full fine-tuning",
 )
 LINEAR_METHODS = ("tucker (4,4,0,1,1) +linear", "tucker (4,4,3,1,1) +linear", "LoRA ~ tucker (8,8,3,3,3) +linear")
+#: Per-layer, per-mode ranks from ``tucker_lora.allocate_ranks`` at the parameter count of a uniform tuple on the
+#: same targets; the proxy is the gradient of the denoising loss on B (``CALIBRATION_BATCHES`` fixed batches of B
+#: training clips) or the base weight.
+ALLOCATED_METHODS = (
+    "allocated (gradient) ~ tucker (4,4,1,1,1)",
+    "allocated (weight) ~ tucker (4,4,1,1,1)",
+    "allocated (gradient) ~ tucker (8,8,3,3,3)",
+    "allocated (weight) ~ tucker (8,8,3,3,3)",
+)
+#: Every method, each allocated one after the uniform tuple whose parameter count it gets.
+CPU_METHODS = (
+    *CONV_METHODS[:2],
+    *ALLOCATED_METHODS[:2],
+    *CONV_METHODS[2:5],
+    *ALLOCATED_METHODS[2:],
+    *CONV_METHODS[5:],
+    *LINEAR_METHODS,
+)
 PRESETS: dict[str, Config] = {
     # every method, three seeds, both backbones in about 40 min on a 2-core CPU (bases cached): a UNet3D step
     # (batch 8) costs ~0.4 s there, a conv3d step ~0.05 s, so 33 runs of each at 100 / 300 steps
-    "cpu": Config(steps={"unet3d": 100, "conv3d": 300}, eval_every=25, methods=CONV_METHODS + LINEAR_METHODS),
+    # (the allocated rows were added later by a run of those methods alone, ``--methods allocated --merge``)
+    "cpu": Config(steps={"unet3d": 100, "conv3d": 300}, eval_every=25, methods=CPU_METHODS),
     # 3x the UNet3D steps and 2x the conv3d steps (about 2 h on the same CPU)
     "cpu-long": Config(methods=CONV_METHODS + LINEAR_METHODS),
     "quick": Config(
@@ -153,7 +175,7 @@ PRESETS: dict[str, Config] = {
         seeds=(0,),
         num_samples=2,
         inference_steps=3,
-        methods=CONV_METHODS + LINEAR_METHODS[1:2],
+        methods=CONV_METHODS + LINEAR_METHODS[1:2] + ALLOCATED_METHODS[:1],
     ),
     # the cpu-long run's adaptation; the UNet3D pretrained with 4x the batch for up to 20k steps (at most 3 min of
     # training), 16 samples per run, and the methods that matter most first (seeds are the outer loop, so
@@ -170,13 +192,16 @@ PRESETS: dict[str, Config] = {
 
 
 def parse_method(name: str) -> dict[str, Any]:
-    """``"tucker (4,4,3,1,1) +linear"`` -> ``{"kind": "tucker", "ranks": (4,4,3,1,1), "linear": True}``."""
+    """``"tucker (4,4,3,1,1) +linear"`` -> ``{"kind": "tucker", "ranks": (4,4,3,1,1), "linear": True,
+    "proxy": None}``; ``"allocated (weight) ~ tucker (4,4,1,1,1)"`` -> kind ``"allocated"``, proxy ``"weight"``."""
     ranks = re.search(r"\(([\d,]+)\)", name)
+    proxy = re.search(r"\((weight|gradient)\)", name)
     kind = name.split()[0].lower() if not name.startswith("full") else "full"
     return {
         "kind": kind,
         "ranks": tuple(int(r) for r in ranks.group(1).split(",")) if ranks else None,
         "linear": name.endswith("+linear"),
+        "proxy": proxy.group(1) if proxy else None,
     }
 
 
@@ -342,17 +367,22 @@ class Adapted:
     method: str
     r_t: Optional[int]
     extra: list[nn.Module] = field(default_factory=list)  # modules holding adapter weights outside ``model``
+    rank_pattern: Optional[dict[str, tuple[int, ...]]] = None  # per-layer ranks of an allocated method
 
     @property
     def num_params(self) -> int:
         return sum(p.numel() for p in self.params)
 
 
-def adapt(base: nn.Module, backbone: str, method: str) -> Adapted:
-    """A copy of ``base`` with ``method`` on its conv (and, for ``+linear``, Linear) targets; base frozen."""
+def adapt(
+    base: nn.Module, backbone: str, method: str, calibration: Optional[Sequence[dict[str, torch.Tensor]]] = None
+) -> Adapted:
+    """A copy of ``base`` with ``method`` on its conv (and, for ``+linear``, Linear) targets; base frozen.
+
+    ``calibration``: the batches of an allocated method's gradient proxy (``calibration_batches``)."""
     from peft import LoraConfig, get_peft_model
 
-    from tucker_lora import TuckerLoraConfig
+    from tucker_lora import TuckerLoraConfig, allocate_ranks
 
     spec = parse_method(method)
     model = copy.deepcopy(base)
@@ -368,6 +398,16 @@ def adapt(base: nn.Module, backbone: str, method: str) -> Adapted:
         params = [p for p in peft_model.parameters() if p.requires_grad]
         return Adapted(peft_model, params, method, spec["ranks"][2])
     budget = sum(tucker_params(s, spec["ranks"]) for s in shapes.values())
+    if spec["kind"] == "allocated":
+        if spec["proxy"] == "gradient" and not calibration:
+            raise ValueError(f"{method}: the gradient proxy needs calibration batches (calibration_batches)")
+        pattern = allocate_ranks(
+            model, budget, names, proxy=spec["proxy"], batches=calibration, loss_fn=calibration_loss, seed=0
+        )
+        peft_model = get_peft_model(model, pattern.to_config())
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        ranks = {n: tuple(pattern.layers[n].ranks) for n in names}
+        return Adapted(peft_model, params, method, None, rank_pattern=ranks)
     if spec["kind"] == "lora":
         ranks = match_ranks(shapes, lora_params, budget)
         r0 = min(ranks.values())
@@ -578,6 +618,37 @@ def train_steps(
     return time.perf_counter() - t0
 
 
+#: Batches of the gradient proxy of the allocated methods, and the seed of their draws (not a training seed).
+CALIBRATION_BATCHES, CALIBRATION_SEED = 8, 20_000
+
+
+def calibration_batches(
+    data: Clips, text: TextEncoder, cfg: Config, count: int = CALIBRATION_BATCHES
+) -> list[dict[str, torch.Tensor]]:
+    """``count`` training batches of ``data`` drawn as ``train_steps`` draws them (clips, noise, timesteps; no caption
+    dropout), from ``CALIBRATION_SEED``: the same for every method and seed. Each holds the model's inputs and the
+    target ``v``, on the CPU."""
+    scheduler = noise_scheduler()
+    batches = []
+    for i in range(count):
+        g = step_generator(CALIBRATION_SEED, i)
+        index = torch.randint(0, len(data.captions), (cfg.batch,), generator=g)
+        x0 = data.pixels[index]
+        noise = torch.randn(x0.shape, generator=g)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (cfg.batch,), generator=g)
+        emb = text([data.captions[j] for j in index.tolist()]).cpu()
+        target = velocity_target(scheduler, x0, noise, t)
+        batches.append({"sample": scheduler.add_noise(x0, noise, t), "timestep": t, "text": emb, "target": target})
+    return batches
+
+
+def calibration_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The training loss ``||v - v_theta(x_t, t)||^2`` on one calibration batch (on the model's device)."""
+    device = next(model.parameters()).device
+    pred = predict(model, batch["sample"].to(device), batch["timestep"].to(device), batch["text"].to(device))
+    return F.mse_loss(pred.float(), batch["target"].to(device))
+
+
 # ---------------------------------------------------------------------------------------------- bases
 def base_dir(cache: Path, backbone: str, cfg: Config) -> Path:
     return cache / cfg.base_key(backbone)
@@ -708,6 +779,7 @@ class Domain:
     prompts: list[str]
     targets: list[tuple[float, float]]
     text: TextEncoder
+    calibration: list[dict[str, torch.Tensor]] = field(default_factory=list)  # of the allocated methods
 
 
 def run_method(
@@ -715,7 +787,7 @@ def run_method(
 ) -> dict[str, Any]:
     """Adapt ``base`` to B with ``method`` and ``seed``; the record of the run (curve, metrics, samples)."""
     torch.manual_seed(seed)  # the adapter's own init (Tucker factors, LoRA A, LyCORIS down / mid)
-    adapted = adapt(base, backbone, method)
+    adapted = adapt(base, backbone, method, dom.calibration)
     steps = cfg.steps[backbone]
     optim = optimizer_and_schedule(adapted.params, cfg.lr, steps, weight_decay=1e-2)
     curve = [(0, heldout_loss(adapted.model, dom.heldout_b, dom.text, cfg, device))]
@@ -741,13 +813,14 @@ def run_method(
         "wall_s": wall,
         "peak_mb": peak,
         "samples": samples,
+        **({"rank_pattern": adapted.rank_pattern} if adapted.rank_pattern is not None else {}),
     }
 
 
 def warm_up(base: nn.Module, backbone: str, cfg: Config, dom: Domain, device: torch.device) -> None:
     """Two throwaway training steps of the first method, so that the first measured run does not pay (in time or
     memory) for what the process sets up once: thread pools, kernel caches, allocator arenas."""
-    adapted = adapt(base, backbone, cfg.methods[0])
+    adapted = adapt(base, backbone, cfg.methods[0], dom.calibration)
     optim = optimizer_and_schedule(adapted.params, cfg.lr, 2, weight_decay=0.0)
     train_steps(adapted.model, adapted.params, optim, dom.train_b, dom.text, device, 0, range(2), cfg.batch)
 
@@ -809,6 +882,7 @@ def markdown_table(rows: list[dict], backbone: str) -> str:
 PALETTE = [
     (31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75),
     (227, 119, 194), (127, 127, 127), (188, 189, 34), (23, 190, 207), (0, 0, 0), (255, 187, 120),
+    (152, 223, 138), (255, 152, 150), (197, 176, 213), (158, 218, 229),
 ]  # fmt: skip
 
 
@@ -883,28 +957,69 @@ def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
+def merge_base(cfg: Config, backbones: Sequence[str], out: Path) -> tuple[list[dict], dict, dict]:
+    """The runs, bases and results of the earlier run in ``out`` that ``--merge`` adds to: its runs less those of
+    ``cfg.methods`` on ``backbones`` (run again). The earlier run must have the same configuration but methods."""
+    path = out / "results.json"
+    if not path.is_file():
+        raise SystemExit(f"--merge: no earlier run in {out} ({path} is missing)")
+    prior = json.loads(path.read_text())
+    mine = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    differ = sorted(
+        k for k in set(mine) | set(prior["config"]) if k != "methods" and mine.get(k) != prior["config"].get(k)
+    )
+    if differ:
+        raise SystemExit(f"--merge: {path} was run with another configuration ({', '.join(differ)} differ)")
+    missing = [b for b in backbones if b not in prior["bases"]]
+    if missing:
+        raise SystemExit(f"--merge: {path} has no runs of {missing}")
+    again = {(b, m) for b in backbones for m in cfg.methods}
+    runs = [r for r in prior["runs"] if (r["backbone"], r["method"]) not in again]
+    return runs, prior["bases"], prior
+
+
 def run(
-    cfg: Config, backbones: Sequence[str], out: Path, cache: Path, device: torch.device, max_minutes: float = 0
+    cfg: Config,
+    backbones: Sequence[str],
+    out: Path,
+    cache: Path,
+    device: torch.device,
+    max_minutes: float = 0,
+    merge: bool = False,
 ) -> list[dict]:
     """The whole experiment; writes ``results.json``, ``results.md``, the loss plots and the sample grids after
     each backbone. Seeds are the outer loop, so a run cut short by ``max_minutes`` (no new run of a backbone starts
-    that long after its base was ready) still has every method at the seeds it reached."""
+    that long after its base was ready) still has every method at the seeds it reached.
+
+    ``merge``: add the runs of ``cfg.methods`` to the earlier run in ``out`` (same configuration; see
+    ``merge_base``) instead of starting anew: its tables and loss plots are rewritten with every method, its sample
+    grids are left as they are, and the base rows are not run again."""
     out.mkdir(parents=True, exist_ok=True)
     text = TextEncoder(device)
+    train_b = make_clips(cfg.law_b, cfg.num_train_b, cfg)
+    gradient = any(parse_method(m)["proxy"] == "gradient" for m in cfg.methods)
     dom = Domain(
-        make_clips(cfg.law_b, cfg.num_train_b, cfg),
+        train_b,
         make_clips(cfg.law_b, cfg.num_heldout, cfg, HELDOUT_FIRST),
         *sample_prompts(cfg.law_b, cfg),
         text,
+        calibration_batches(train_b, text, cfg) if gradient else [],
     )
     t_start = time.perf_counter()
-    records, bases = [], {}
+    records: list[dict] = []
+    bases: dict[str, Any] = {}
+    prior: Optional[dict] = None
+    if merge:
+        records, bases, prior = merge_base(cfg, backbones, out)
     for backbone in backbones:
         base, meta = ensure_base(backbone, cfg, cache, text, device, log)
         t_methods = time.perf_counter()
         base.requires_grad_(False)
-        bases[backbone] = meta
-        records += reference_runs(base, backbone, cfg, dom, device)
+        if prior is None:
+            bases[backbone] = meta
+            records += reference_runs(base, backbone, cfg, dom, device)
+        elif meta.get("key") != bases[backbone].get("key") or meta.get("steps") != bases[backbone].get("steps"):
+            raise SystemExit(f"--merge: the {backbone} base differs from the one of the earlier run in {out}")
         if cfg.methods:
             warm_up(base, backbone, cfg, dom, device)
         for seed in cfg.seeds:
@@ -921,37 +1036,70 @@ def run(
                 log(f"{backbone} | {method} | seed {seed}: {record['params']:,} params, loss {record['loss']:.4f}, "
                     f"direction {record['correct']:.2f}, velocity error {record['velocity_error']:.2f}, "
                     f"{record['wall_s']:.0f} s")  # fmt: skip
-                write_outputs(records, bases, cfg, out, device, time.perf_counter() - t_start)  # so far
-        write_outputs(records, bases, cfg, out, device, time.perf_counter() - t_start)
+                write_outputs(records, bases, cfg, out, device, time.perf_counter() - t_start, prior)  # so far
+        write_outputs(records, bases, cfg, out, device, time.perf_counter() - t_start, prior)
     return records
 
 
-def write_outputs(records: list[dict], bases: dict, cfg: Config, out: Path, device: torch.device, wall: float) -> None:
+def merged_order(records: list[dict], methods: Sequence[str]) -> list[dict]:
+    """``records`` by backbone (first seen), the base rows, then ``methods`` order (then any other), then seed."""
+    backbones = list(dict.fromkeys(r["backbone"] for r in records))
+    rank = {m: i for i, m in enumerate(("base on A prompts", "base (no adaptation)", *methods))}
+    return sorted(records, key=lambda r: (backbones.index(r["backbone"]), rank.get(r["method"], len(rank)), r["seed"]))
+
+
+def write_outputs(
+    records: list[dict],
+    bases: dict,
+    cfg: Config,
+    out: Path,
+    device: torch.device,
+    wall: float,
+    prior: Optional[dict] = None,
+) -> None:
+    """``results.json``, ``results.md``, loss plots and (unless ``prior``, an earlier run this one adds to) grids."""
+    added = []
+    if prior is not None:
+        methods = [m for m in PRESETS["cpu"].methods if m in {*prior["config"]["methods"], *cfg.methods}]
+        methods += [m for m in (*prior["config"]["methods"], *cfg.methods) if m not in methods]
+        records = merged_order(records, methods)
+        added = prior.get("added", []) + [
+            {"methods": list(cfg.methods), "backbones": sorted({r["backbone"] for r in records if "samples" in r}),
+             "device": str(device), "torch": torch.__version__, "threads": torch.get_num_threads(), "wall_s": wall}
+        ]  # fmt: skip
+        cfg = dataclasses.replace(cfg, methods=tuple(methods))
     rows = summarise(records)
     results = {
         "config": dataclasses.asdict(cfg),
-        "device": str(device),
-        "torch": torch.__version__,
-        "threads": torch.get_num_threads(),
-        "wall_s": wall,
+        "device": str(device if prior is None else prior["device"]),
+        "torch": torch.__version__ if prior is None else prior["torch"],
+        "threads": torch.get_num_threads() if prior is None else prior["threads"],
+        "wall_s": wall if prior is None else prior["wall_s"],
+        **({"added": added} if added else {}),
         "bases": bases,
         "summary": rows,
         "runs": [{k: v for k, v in r.items() if k != "samples"} for r in records],
     }
-    (out / "results.json").write_text(json.dumps(results, indent=1))
+    write_text(out / "results.json", json.dumps(results, indent=1))
     a_data = make_clips("horizontal", 1, cfg, PROMPTS_FIRST)
     prompts = sample_prompts(cfg.law_b, cfg)[0]
     picks = list(range(min(2, len(prompts))))  # the two directions
     b_data = make_clips(cfg.law_b, cfg.num_samples, cfg, PROMPTS_FIRST)
     md = [
-        f"Device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads; wall time {wall / 60:.1f} min."
+        f"Device {results['device']}, torch {results['torch']}, {results['threads']} threads; wall time "
+        f"{results['wall_s'] / 60:.1f} min."
     ]
+    for a in added:
+        md[0] += (f" Then {', '.join(a['methods'])} added on {a['device']} (torch {a['torch']}, {a['threads']} "
+                  f"threads) in {a['wall_s'] / 60:.1f} min.")  # fmt: skip
     for backbone in dict.fromkeys(r["backbone"] for r in records):
         md += ["", f"**{backbone}** (base: {bases[backbone].get('steps')} pretraining steps)", "",
                markdown_table(rows, backbone)]  # fmt: skip
         title = f"{backbone}: held-out denoising loss on B (mean over seeds)"
         loss_plot([r for r in rows if r["backbone"] == backbone and "base" not in r["method"]],
                   out / f"loss_{backbone}.png", title)  # fmt: skip
+        if prior is not None:  # the earlier run's samples are not stored: its grids stay as they are
+            continue
         as_video = lambda x: ((x.permute(1, 2, 3, 0) + 1) / 2).numpy()  # noqa: E731
         b_clips = [as_video(b_data.pixels[i]) for i in picks]
         b_label = ", ".join(
@@ -971,7 +1119,14 @@ def write_outputs(records: list[dict], bases: dict, cfg: Config, out: Path, devi
                 grid.append((label, [r["samples"][i] for i in chosen]))
         sample_grid(grid, out / f"grid_{backbone}.png")
     md += ["", f"Prompts of the grids: {', '.join(prompts[i] for i in picks)} (the same noise for every method)."]
-    (out / "results.md").write_text("\n".join(md) + "\n")
+    write_text(out / "results.md", "\n".join(md) + "\n")
+
+
+def write_text(path: Path, text: str) -> None:
+    """``text`` to a temporary file beside ``path``, then renamed over it."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def report(dirs: Sequence[Path]) -> str:
@@ -1128,6 +1283,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     p.add_argument("--max_minutes", type=float, default=0, help="per backbone, no new adaptation run after this")
     p.add_argument("--pretrain_max_minutes", type=float, help="stop pretraining a base after this much training")
     p.add_argument("--out", type=Path, default=ROOT / "outputs" / "motion")
+    p.add_argument(
+        "--merge",
+        action="store_true",
+        help="add these methods' runs to the finished run in --out (same configuration) instead of starting anew",
+    )
     p = sub.add_parser("base", help="the pretrained UNet3D base pipeline for the demo (pretrained once, cached)")
     p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("domain", help="clips of a motion law as GIFs + captions.csv")
@@ -1172,7 +1332,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         cfg = config_from(args)
         log(f"device {device}, {torch.get_num_threads()} threads; {len(cfg.methods)} methods x {len(cfg.seeds)} seeds "
             f"x {args.backbones}; steps {cfg.steps}, batch {cfg.batch}")  # fmt: skip
-        run(cfg, args.backbones, args.out, args.cache, device, args.max_minutes)
+        run(cfg, args.backbones, args.out, args.cache, device, args.max_minutes, args.merge)
         log(f"results: {args.out / 'results.md'}")
 
 

@@ -435,6 +435,45 @@ def motion_summary(source: str) -> list[str]:
     return table(header, rows)
 
 
+#: Uniform tuples of the temporal-rank experiment and the allocated methods at their parameter counts.
+ALLOCATION_BUDGETS = ("(4,4,1,1,1)", "(8,8,3,3,3)")
+ALLOCATION_PROXIES = ("gradient", "weight")
+
+
+def motion_allocation(source: str) -> list[str]:
+    """Allocated against uniform ranks at the same parameter count (``motion_experiment.py``'s results.json): mean
+    ± std over seeds of the held-out loss and the share of samples moving as B says, and in how many seeds each
+    allocation's loss is below the uniform tuple's (same seed: same data order, noise and init draws)."""
+    results = json.loads((ROOT / source).read_text())
+    summary = {(r["backbone"], r["method"]): r for r in results["summary"]}
+    losses: dict[tuple[str, str], dict[int, float]] = {}
+    for r in results["runs"]:
+        losses.setdefault((r["backbone"], r["method"]), {})[r["seed"]] = r["loss"]
+
+    def pm(row: dict, key: str, fmt: str) -> str:
+        return f"{row[key]:{fmt}} ± {row[key + '_std']:{fmt}}"
+
+    rows = []
+    for backbone in dict.fromkeys(b for b, _ in summary):
+        for ranks in ALLOCATION_BUDGETS:
+            uniform = summary[(backbone, f"tucker {ranks}")]
+            allocated = [summary[(backbone, f"allocated ({p}) ~ tucker {ranks}")] for p in ALLOCATION_PROXIES]
+            below = []
+            for p, row in zip(ALLOCATION_PROXIES, allocated, strict=True):
+                mine, base = losses[(backbone, row["method"])], losses[(backbone, uniform["method"])]
+                below.append(f"{p} {sum(mine[s] < base[s] for s in mine)}/{len(mine)}")
+            rows.append(
+                [backbone, f"{ranks}: {uniform['params']:,}"]
+                + [pm(r, "loss", ".4f") for r in (uniform, *allocated)]
+                + [", ".join(below)]
+                + [pm(r, "correct", ".2f") for r in (uniform, *allocated)]
+            )
+    header = ["backbone", "uniform tuple: params", "loss: uniform", "allocated, gradient", "allocated, weight",
+              "seeds with a lower loss than uniform", "direction correct: uniform", "allocated, gradient",
+              "allocated, weight"]  # fmt: skip
+    return table(header, rows)
+
+
 def unet_table(source: str) -> list[str]:
     """The end-to-end table ``bench_unet.py`` prints last, as it printed it."""
     lines = (ROOT / source).read_text().splitlines()
@@ -508,6 +547,7 @@ TABLES: dict[str, Callable[..., list[str]]] = {
     "motion-summary": motion_summary,
     "unet": unet_table,
     "motion": motion_table,
+    "motion-allocation": motion_allocation,
     "ops": ops_table,
 }
 MARKER = re.compile(r"^<!-- table: (\S+)((?: \S+)*) -->$")

@@ -335,3 +335,44 @@ def test_quick_experiment_runs_end_to_end(tmp_path):
     # a second run finds the bases in the cache and skips pretraining
     proc = subprocess.run(cmd + ["--methods", "tucker (4,4,0"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0 and proc.stdout.count("from the cache") == 2, proc.stdout[-3000:]
+
+
+@pytest.mark.parametrize("proxy", ["weight", "gradient"])
+def test_allocated_method_stays_within_the_uniform_tuples_budget(me, proxy):
+    cfg = small_config(me)
+    base = me.build_model("conv3d", cfg).requires_grad_(False)
+    text = me.TextEncoder(torch.device("cpu"))
+    calibration = me.calibration_batches(me.make_clips(cfg.law_b, 8, cfg), text, cfg, count=2)
+    assert me.calibration_batches(me.make_clips(cfg.law_b, 8, cfg), text, cfg, count=2)[1]["sample"].equal(
+        calibration[1]["sample"]
+    )  # the same batches for every method and seed
+    for ranks in ((4, 4, 1, 1, 1), (8, 8, 3, 3, 3)):
+        uniform = me.adapt(base, "conv3d", f"tucker {ranks}".replace(", ", ","))
+        allocated = me.adapt(base, "conv3d", f"allocated ({proxy}) ~ tucker {ranks}".replace(", ", ","), calibration)
+        # counted from the modules peft built
+        built = sum(p.numel() for p in allocated.model.parameters() if p.requires_grad)
+        assert built == allocated.num_params
+        assert uniform.num_params - 200 < built <= uniform.num_params
+        chosen = set(allocated.rank_pattern.values())
+        assert len(chosen) > 1 and chosen != {ranks}  # per-layer ranks, not the uniform tuple
+        assert set(allocated.rank_pattern) == set(me.target_names(base, me.CONV_TARGETS["conv3d"]))
+    with pytest.raises(ValueError, match="calibration batches"):
+        me.adapt(base, "conv3d", "allocated (gradient) ~ tucker (4,4,1,1,1)")
+
+
+def test_merge_keeps_the_earlier_runs_in_preset_order_and_refuses_another_configuration(me, tmp_path):
+    cfg = me.dataclasses.replace(me.PRESETS["cpu"], methods=me.ALLOCATED_METHODS[1:2])
+    new, old = "allocated (weight) ~ tucker (4,4,1,1,1)", ["tucker (8,8,3,3,3)", "tucker (4,4,1,1,1)"]
+    runs = [{"backbone": "conv3d", "method": m, "seed": s} for s in (1, 0) for m in [*old, new]]
+    prior = {"config": json.loads(json.dumps(me.dataclasses.asdict(me.PRESETS["cpu"]))), "bases": {"conv3d": {}}}
+    (tmp_path / "results.json").write_text(json.dumps({**prior, "runs": runs}))
+    kept, _, _ = me.merge_base(cfg, ["conv3d"], tmp_path)
+    assert kept == [r for r in runs if r["method"] != new]  # the method run again is dropped
+    ordered = me.merged_order([*kept, {"backbone": "conv3d", "method": new, "seed": 0}], me.PRESETS["cpu"].methods)
+    assert [(r["method"], r["seed"]) for r in ordered] == [
+        (old[1], 0), (old[1], 1), (new, 0), (old[0], 0), (old[0], 1)
+    ]  # fmt: skip
+    with pytest.raises(SystemExit, match="another configuration .*steps"):
+        me.merge_base(me.dataclasses.replace(cfg, steps={"unet3d": 1, "conv3d": 1}), ["conv3d"], tmp_path)
+    with pytest.raises(SystemExit, match="no runs of \\['unet3d'\\]"):
+        me.merge_base(cfg, ["unet3d"], tmp_path)

@@ -525,9 +525,43 @@ def test_lora_baseline_trains_on_animatediff(tmp_path):
     assert result.model.get_nb_trainable_parameters()[0] == summary["trainable_parameters"]
 
 
+@pytest.mark.parametrize("proxy", ["weight", "gradient"])
+def test_ranks_auto_trains_within_the_budget_at_the_allocated_ranks(proxy, tmp_path):
+    import tucker_lora
+
+    budget = 9_000  # the tiny UNet3D's 48 default targets: 5,200 at (1, 1, 0, 0, 0), 21,632 at (4, 4, 1, 1, 1)
+    out = tmp_path / "run"
+    argv = ["--output_dir", str(out), "--max_train_steps", "1", "--ranks", "auto", "--rank_budget", str(budget)]
+    result = train_main([*argv, "--rank_proxy", proxy, "--rank_calibration_batches", "2", *FAST])
+    # counted from the saved tensors, not from the code that chose the ranks
+    saved = load_file(out / "adapter" / "adapter_model.safetensors")
+    trained = sum(t.numel() for t in saved.values())
+    assert trained == result.model.get_nb_trainable_parameters()[0]
+    assert budget - 100 < trained <= budget
+    config = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["ranks"] == "auto" and summary["rank_budget"] == budget and summary["rank_proxy"] == proxy
+    pattern = {k: tuple(v) for k, v in config["rank_pattern"].items()}
+    assert len(pattern) == 48 and len(set(pattern.values())) > 1  # every default target, not one tuple
+    assert (out / "rank_allocation.txt").read_text().startswith("layer")
+    if proxy == "weight":  # the same allocation, made here on a fresh copy of the same base
+        unet = load_components(out / "base_model").unet
+        assert pattern == dict(tucker_lora.allocate_ranks(unet, budget, proxy="weight"))
+
+
 def test_bad_command_lines_are_clear_errors(tmp_path, capsys):
     out = ["--output_dir", str(tmp_path / "out")]
     cases = {
+        "--ranks auto needs --rank_budget N": ["--ranks", "auto"],
+        "--rank_budget is for --ranks auto": ["--rank_budget", "9000"],
+        "--ranks auto is for --method tucker": ["--ranks", "auto", "--rank_budget", "9000", "--method", "lora"],
+        "--rank_budget 5199 is below the smallest adapter on the 48 target layers .*: 5200": [
+            "--ranks",
+            "auto",
+            "--rank_budget",
+            "5199",
+            *FAST,
+        ],
         "--ranks takes 5 integers r_o r_i r_t r_h r_w .*got 3: 4 4 1": ["--ranks", "4", "4", "1"],
         "--data_dir '.*no_data' does not exist": ["--data_dir", str(tmp_path / "no_data")],
         "lacks the subfolders 'vae', 'text_encoder'": ["--pretrained_model_name_or_path", str(tmp_path / "pipe")],

@@ -4,13 +4,14 @@ Both go on the same layers: the UNet's ``tucker_lora.DEFAULT_TARGET_MODULES`` en
 Conv3d + resnet Conv2d; AnimateDiff: resnet Conv2d + motion-module Linear) or ``target_modules``.
 The LoRA baseline gets the rank whose parameter count on those layers is closest to Tucker-LoRA's
 (peft LoRA on a weight ``(O, I/g, *k)``: ``r * (I/g * prod(k) + O)``), and ``lora_alpha = alpha * r``
-so that, as for Tucker-LoRA, ``alpha`` multiplies the update.
+so that, as for Tucker-LoRA, ``alpha`` multiplies the update. ``--ranks auto`` gives every layer its own
+ranks (``allocate_adapter_ranks``: ``tucker_lora.allocate_ranks`` on the same layers, within a parameter budget).
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -19,6 +20,7 @@ from torch import nn
 from ..config import TuckerLoraConfig
 from ..errors import InputError
 from ..layer import SUPPORTED_LAYERS
+from ..ranks import RankAllocation, allocate_ranks, minimum_budget
 from ..targets import default_target_names, minimal_suffixes
 from ..tucker import resolve_ranks
 
@@ -27,6 +29,7 @@ __all__ = [
     "METHODS",
     "AdapterPlan",
     "accept_input_keyword",
+    "allocate_adapter_ranks",
     "lora_num_params",
     "matched_lora_rank",
     "plan_adapter",
@@ -97,6 +100,31 @@ def matched_lora_rank(unet: nn.Module, names: Sequence[str], ranks: Sequence[int
     return min((low, low + 1), key=lambda r: (abs(r * per_rank - target), r))
 
 
+def allocate_adapter_ranks(
+    unet: nn.Module,
+    budget: int,
+    target_modules: Union[None, str, Sequence[str]] = None,
+    proxy: str = "weight",
+    batches: Optional[Iterable[Any]] = None,
+    loss_fn: Optional[Callable[[nn.Module, Any], Any]] = None,
+    seed: int = 0,
+) -> RankAllocation:
+    """``tucker_lora.allocate_ranks`` on the layers ``plan_adapter`` adapts (``target_layer_names``): per-layer
+    ranks whose Tucker-LoRA adapters hold at most ``budget`` trainable parameters in all.
+
+    A budget below the smallest adapter on every layer (ranks (1, 1, 0, 0, 0)) is an ``InputError`` that names
+    ``--rank_budget`` and that minimum.
+    """
+    names = target_layer_names(unet, target_modules)
+    minimum = minimum_budget(tuple(w.shape) for _, w in _weights(unet, names))
+    if budget < minimum:
+        raise InputError(
+            f"--rank_budget {budget} is below the smallest adapter on the {len(names)} target layers of the "
+            f"{type(unet).__name__}: {minimum} trainable parameters (ranks (1, 1, 0, 0, 0) on every layer)"
+        )
+    return allocate_ranks(unet, budget, names, proxy=proxy, batches=batches, loss_fn=loss_fn, seed=seed)
+
+
 @dataclass
 class AdapterPlan:
     """The peft config to apply and what it amounts to (logged at the start of training)."""
@@ -118,17 +146,28 @@ def plan_adapter(
     init_weights: Union[bool, str] = True,
     core_init_scale: float = 0.0,
     lora_rank: Optional[int] = None,
+    rank_pattern: Optional[Mapping[str, Sequence[int]]] = None,
 ) -> AdapterPlan:
     """The adapter config of a run: ``TuckerLoraConfig`` or (``method="lora"``) a matched ``peft.LoraConfig``.
 
     ``target_modules`` is resolved to the layer names here and written to the config as the shortest
     suffixes that select exactly them, so the saved ``adapter_config.json`` reloads onto the same layers.
+    ``rank_pattern`` (Tucker-LoRA only; keyed by escaped full layer names, as ``allocate_adapter_ranks`` returns
+    it) gives those layers their own ranks; ``ranks`` is the rest's.
     """
     if method not in METHODS:
         raise InputError(f"unknown adapter method {method!r}: expected one of {', '.join(METHODS)}")
+    if rank_pattern is not None and method != "tucker":
+        raise InputError("per-layer ranks (--ranks auto) are for --method tucker")
     names = target_layer_names(unet, target_modules)
     suffixes = minimal_suffixes((n for n, _ in unet.named_modules()), names)
-    tucker_params = tucker_num_params(unet, names, ranks)
+    if rank_pattern is not None:
+        pattern = {k: tuple(v) for k, v in rank_pattern.items()}
+        tucker_params = sum(
+            resolve_ranks(pattern.get(re.escape(n), ranks), w.shape, n).num_params() for n, w in _weights(unet, names)
+        )
+    else:
+        pattern, tucker_params = {}, tucker_num_params(unet, names, ranks)
     if method == "tucker":
         config = TuckerLoraConfig(
             ranks=tuple(ranks),
@@ -136,6 +175,7 @@ def plan_adapter(
             target_modules=suffixes,
             init_weights=init_weights,
             core_init_scale=core_init_scale,
+            rank_pattern=pattern,
         )
         return AdapterPlan(method, config, names, tucker_params, tucker_params)
     from peft import LoraConfig

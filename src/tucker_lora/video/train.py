@@ -10,7 +10,9 @@ The paper's recipe (sections 3.4 and 5) is the default: the denoising loss with 
 re-attached to the graph, AdamW (lr 1e-4, betas (0.9, 0.999), weight decay 1e-2), a cosine schedule with
 warm-up, gradient accumulation, an EMA of the adapter parameters (tau 0.999) that is used for validation
 and saved beside the raw adapter. Ranks default to (4, 4, 1, 1, 1) on the UNet3D and (4, 4, 0, 1, 1) on
-AnimateDiff.
+AnimateDiff; ``--ranks auto --rank_budget N`` gives every layer its own ranks within N trainable parameters
+(``tucker_lora.allocate_ranks``, from the base weights or, with ``--rank_proxy gradient``, from the gradient of
+the training loss over a few batches of the training data).
 
 Reproducibility: every random draw of a step (VAE latent sample, caption dropout, noise, timesteps) comes
 from a generator seeded with (seed, step, micro-batch, process), the data order from accelerate's seedable
@@ -39,7 +41,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Union
 
 import numpy as np
 import torch
@@ -48,6 +50,8 @@ import torch.nn.functional as F
 from ..cli import HelpFormatter, run_cli
 from ..config import INIT_CHOICES
 from ..errors import InputError
+from ..ranks import PROXIES as RANK_PROXIES
+from ..ranks import RankAllocation
 from .adapters import DEFAULT_RANKS, METHODS, parse_target_modules
 from .checkpoint import Checkpoints
 from .data import example_captions, load_dataset
@@ -110,7 +114,29 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="+",
         default=None,
         metavar="R",
-        help="Tucker ranks r_o r_i r_t r_h r_w (default: 4 4 1 1 1 on UNet3D, 4 4 0 1 1 on AnimateDiff)",
+        help="Tucker ranks r_o r_i r_t r_h r_w, or auto: per-layer ranks within --rank_budget (tucker_lora."
+        "allocate_ranks) (default: 4 4 1 1 1 on UNet3D, 4 4 0 1 1 on AnimateDiff)",
+    )
+    g.add_argument(
+        "--rank_budget",
+        type=int,
+        default=None,
+        metavar="N",
+        help="trainable parameters of all adapters together, for --ranks auto (default: none; required there)",
+    )
+    g.add_argument(
+        "--rank_proxy",
+        choices=RANK_PROXIES,
+        default="weight",
+        help="what --ranks auto reads per-mode spectra from: the base weights, or the gradient of the training loss "
+        "over --rank_calibration_batches batches of the training data",
+    )
+    g.add_argument(
+        "--rank_calibration_batches",
+        type=int,
+        default=4,
+        metavar="N",
+        help="batches of --train_batch_size clips for --rank_proxy gradient",
     )
     g.add_argument("--alpha", type=float, default=1.0, help="scale of the update, W + alpha * dW")
     g.add_argument(
@@ -209,10 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_ranks(values: Optional[Sequence[str]]) -> Optional[tuple[int, ...]]:
-    """``--ranks``: five integers (spaces or commas), in the paper's order."""
+def parse_ranks(values: Optional[Sequence[str]]) -> Union[None, str, tuple[int, ...]]:
+    """``--ranks``: five integers (spaces or commas), in the paper's order, or ``auto``."""
     if values is None:
         return None
+    if [v.lower() for v in values] == ["auto"]:
+        return "auto"
     items = [v for value in values for v in value.replace(",", " ").split()]
     if len(items) != 5:
         raise InputError(
@@ -236,7 +264,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     for name in positive:
         if getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("max_train_steps", "stop_after_steps", "resolution", "num_validation_frames", "lora_rank"):
+    at_least_one = ("max_train_steps", "stop_after_steps", "resolution", "num_validation_frames", "lora_rank")
+    for name in (*at_least_one, "rank_budget"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise InputError(f"--{name} must be >= 1, got {getattr(args, name)}")
     if not 0.0 <= args.caption_dropout < 1.0:
@@ -245,6 +274,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         raise InputError(f"--ema_decay must be in [0, 1), got {args.ema_decay}")
     if args.method == "tucker" and args.lora_rank is not None:
         raise InputError("--lora_rank is for --method lora")
+    if args.ranks == "auto":
+        if args.rank_budget is None:
+            raise InputError("--ranks auto needs --rank_budget N (trainable parameters of all adapters together)")
+        if args.method != "tucker":
+            raise InputError("--ranks auto is for --method tucker")
+    elif args.rank_budget is not None:
+        raise InputError("--rank_budget is for --ranks auto")
+    if args.rank_calibration_batches < 1:
+        raise InputError(f"--rank_calibration_batches must be >= 1, got {args.rank_calibration_batches}")
     return args
 
 
@@ -464,6 +502,7 @@ class _Adapted:
     plan: Any
     model: Any
     n_trainable: int
+    allocation: Optional[RankAllocation] = None  # the per-layer ranks of --ranks auto
 
 
 @dataclass
@@ -515,13 +554,9 @@ def _setup(args: argparse.Namespace) -> _Run:
     return _Run(args, accelerator, output_dir, sharded, checkpoints)
 
 
-def _build_model(run: _Run, run_context: contextlib.ExitStack) -> _Adapted:
-    """Frozen pipeline components on the device (the tiny default saved as the base model), the adapter on the
-    UNet. Gradient checkpointing, when asked for, lasts as long as ``run_context``."""
-    from peft import get_peft_model
-
-    from .adapters import accept_input_keyword, plan_adapter
-
+def _load_components(run: _Run, run_context: contextlib.ExitStack) -> tuple[VideoComponents, str, torch.dtype]:
+    """Frozen pipeline components on the device (the tiny default saved as the base model), where the base is, the
+    weights' dtype. Gradient checkpointing, when asked for, lasts as long as ``run_context``."""
     args, accelerator = run.args, run.accelerator
     components = _build_components(args)
     base_dir = args.pretrained_model_name_or_path
@@ -541,7 +576,71 @@ def _build_model(run: _Run, run_context: contextlib.ExitStack) -> _Adapted:
         module.to(device, **({} if weight_dtype == torch.float32 else {"dtype": weight_dtype}))
     if args.gradient_checkpointing:
         run_context.enter_context(gradient_checkpointing(components.unet))
-    ranks = args.ranks or DEFAULT_RANKS[components.backbone]
+    return components, str(base_dir), weight_dtype
+
+
+def calibration_batches(dataset: Any, count: int, batch_size: int, seed: int) -> list[dict[str, Any]]:
+    """``count`` batches of ``batch_size`` distinct clips of ``dataset`` (fewer if it is short), drawn with their
+    own generator from ``seed``: the training data order is left alone."""
+    from torch.utils.data import default_collate
+
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[: count * batch_size]
+    chunks = order.tolist()
+    return [
+        default_collate([dataset[i] for i in chunks[k : k + batch_size]]) for k in range(0, len(chunks), batch_size)
+    ]
+
+
+def _allocate(run: _Run, components: VideoComponents, dataset: Any, weight_dtype: torch.dtype) -> RankAllocation:
+    """``--ranks auto``: per-layer ranks within ``--rank_budget`` from the base weights or (``--rank_proxy
+    gradient``) from the gradient of the denoising loss over ``--rank_calibration_batches`` training batches
+    (noise and timesteps of batch ``i`` from ``(seed, i)``). The report is logged."""
+    from diffusers import DDPMScheduler
+
+    from .adapters import allocate_adapter_ranks
+
+    args = run.args
+    batches, loss_fn = None, None
+    if args.rank_proxy == "gradient":
+        if run.sharded:
+            raise InputError(
+                "--rank_proxy gradient needs the whole UNet on one device: use --rank_proxy weight with FSDP"
+            )
+        noise_scheduler = DDPMScheduler.from_config(components.scheduler.config)
+        batches = list(
+            enumerate(calibration_batches(dataset, args.rank_calibration_batches, args.train_batch_size, args.seed))
+        )
+
+        def loss_fn(unet: Any, item: tuple[int, dict[str, Any]]) -> torch.Tensor:
+            i, batch = item
+            state = np.random.SeedSequence([args.seed, i], spawn_key=(1,)).generate_state(1, dtype=np.uint64)
+            generator = torch.Generator("cpu").manual_seed(int(state[0]))
+            return diffusion_loss(unet, components, noise_scheduler, batch, generator, 0.0, weight_dtype)
+
+    return allocate_adapter_ranks(
+        components.unet,
+        args.rank_budget,
+        args.target_modules,
+        proxy=args.rank_proxy,
+        batches=batches,
+        loss_fn=loss_fn,
+        seed=args.seed,
+    )
+
+
+def _build_model(
+    run: _Run, components: VideoComponents, base_dir: str, weight_dtype: torch.dtype, dataset: Any
+) -> _Adapted:
+    """The adapter on the UNet (with ``--ranks auto``, at the ranks ``_allocate`` chose)."""
+    from peft import get_peft_model
+
+    from .adapters import accept_input_keyword, plan_adapter
+
+    args = run.args
+    allocation = _allocate(run, components, dataset, weight_dtype) if args.ranks == "auto" else None
+    ranks = DEFAULT_RANKS[components.backbone] if args.ranks in (None, "auto") else args.ranks
+    if allocation is not None and run.accelerator.is_main_process:
+        (run.output_dir / "rank_allocation.txt").write_text(allocation.summary() + "\n")
     plan = plan_adapter(
         args.method,
         components.unet,
@@ -551,6 +650,7 @@ def _build_model(run: _Run, run_context: contextlib.ExitStack) -> _Adapted:
         init_weights=INIT_WEIGHTS[args.init_weights],
         core_init_scale=args.core_init_scale,
         lora_rank=args.lora_rank,
+        rank_pattern=allocation,
     )
     model = get_peft_model(components.unet, plan.config)
     model.peft_config["default"].base_model_name_or_path = str(base_dir)
@@ -563,11 +663,11 @@ def _build_model(run: _Run, run_context: contextlib.ExitStack) -> _Adapted:
         len(plan.layers),
         type(components.unet).__name__,
         n_trainable,
-        tuple(ranks),
+        f"allocated within {args.rank_budget}" if allocation is not None else tuple(ranks),
         plan.tucker_num_params,
         "" if plan.method == "tucker" else " (matched LoRA baseline)",
     )
-    return _Adapted(components, str(base_dir), weight_dtype, tuple(ranks), plan, model, n_trainable)
+    return _Adapted(components, base_dir, weight_dtype, tuple(ranks), plan, model, n_trainable, allocation)
 
 
 def _build_data(run: _Run, components: VideoComponents) -> tuple[Any, torch.utils.data.DataLoader]:
@@ -835,8 +935,17 @@ def _write_summary(adapted: _Adapted, step_log: Any, result: TrainResult) -> Non
         "trainable_parameters": adapted.n_trainable,
         "tucker_parameters_at_these_ranks": plan.tucker_num_params,
         "lora_rank": plan.lora_rank,
-        "ranks": list(adapted.ranks),
+        "ranks": "auto" if adapted.allocation is not None else list(adapted.ranks),
         "adapted_layers": len(plan.layers),
+        **(
+            {
+                "rank_budget": adapted.allocation.budget,
+                "rank_proxy": adapted.allocation.proxy,
+                "rank_pattern": {n: list(a.ranks) for n, a in adapted.allocation.layers.items()},
+            }
+            if adapted.allocation is not None
+            else {}
+        ),
         "steps": result.global_step,
         "adapter": str(result.adapter_dir),
         "adapter_ema": str(result.ema_adapter_dir) if result.ema_adapter_dir else None,
@@ -858,8 +967,9 @@ def main(argv: Optional[Sequence[str]] = None) -> TrainResult:
     resume = check_inputs(args)
     run = _setup(args)
     with contextlib.ExitStack() as run_context:  # what the run changes on the models is undone when it ends
-        adapted = _build_model(run, run_context)
-        dataset, loader = _build_data(run, adapted.components)
+        components, base_dir, weight_dtype = _load_components(run, run_context)
+        dataset, loader = _build_data(run, components)
+        adapted = _build_model(run, components, base_dir, weight_dtype, dataset)
         opt = _build_optimisation(run, adapted, loader)
         global_step = _resume(run, opt.state_io, resume)
         step_log = _start_logs(run, global_step)
