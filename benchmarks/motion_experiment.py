@@ -11,7 +11,7 @@ frames tells the domains apart. Pixel space, 8 frames of 16x16.
    Conv3d (``CondConv3dUNet``). Pretraining checks with the motion estimator that samples move as A says.
 2. Adapt each base to B with every method, the same steps, lr schedule, data order, noise and seeds:
    Tucker-LoRA (4,4,r_t,1,1) for r_t in {0, 1, 3}, (8,8,3,1,1), (8,8,3,3,3); peft LoRA and LyCORIS
-   LoCon-Tucker with per-layer ranks matched to Tucker (8,8,3,3,3)'s parameter count (within 5%); full
+   LoCon-Tucker with per-layer ranks matched to Tucker (8,8,3,3,3)'s parameter count (within 1%); full
    fine-tuning; per-layer ranks from ``tucker_lora.allocate_ranks`` (gradient or weight proxy) at the parameter
    counts of (4,4,1,1,1) and (8,8,3,3,3). Targets: the convolutions only; then with the attention / conditioning
    Linear layers too.
