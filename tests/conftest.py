@@ -68,3 +68,18 @@ def run_python(code: str) -> str:
     )
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
+
+
+def einsum_expr(order: int) -> str:
+    """``"abc,Aa,Bb,Cc->ABC"`` for ``order`` 3: the Tucker product ``G x_1 U_1 ... x_N U_N`` as one einsum."""
+    src, dst = "abcde"[:order], "ABCDE"[:order]
+    return src + "," + ",".join(d + s for d, s in zip(dst, src, strict=True)) + "->" + dst
+
+
+def einsum_reconstruct(core, factors):
+    """G x_1 U_1 ... x_N U_N as one einsum (works on torch tensors and numpy arrays): the tests' reference for the
+    library's mode products."""
+    import numpy as np
+
+    lib = np if isinstance(core, np.ndarray) else torch
+    return lib.einsum(einsum_expr(core.ndim), core, *factors)

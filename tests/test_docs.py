@@ -34,6 +34,7 @@ import pytest
 import torch
 
 import tucker_lora
+from conftest import einsum_reconstruct
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -138,10 +139,8 @@ def check_usage(ns: dict, cwd: Path) -> None:
     with torch.no_grad():
         for name, layer in layers:
             core, factors = layer.tucker_lora_core["default"], layer.factors("default")
-            src, dst = "abcde"[: core.ndim], "ABCDE"[: core.ndim]
-            expr = src + "," + ",".join(d + c for d, c in zip(dst, src, strict=True)) + "->" + dst
             weight = by_hand.get_submodule(name.removeprefix("base_model.model.")).weight
-            weight += layer.alpha["default"] * torch.einsum(expr, core, *factors)
+            weight += layer.alpha["default"] * einsum_reconstruct(core, factors)
         torch.testing.assert_close(out_merged, by_hand(*args).sample, atol=1e-5, rtol=1e-4)
 
 

@@ -26,6 +26,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import tucker_lora  # noqa: F401  (registers the tuner with peft)
+from conftest import einsum_reconstruct
 from tucker_lora import TuckerLoraConfig, TuckerLoraLayer
 
 MODES = ("o", "i", "t", "h", "w")
@@ -57,17 +58,6 @@ def prop1_count(ranks: tuple[int, ...], shape: tuple[int, ...]) -> int:
     """Proposition 1 by hand over the non-pinned modes: sum_n dim_n r_n + prod_n r_n."""
     trained = [(dim, r) for _, dim, r, pinned in expected_layout(ranks, shape) if not pinned]
     return sum(d * r for d, r in trained) + int(np.prod([r for _, r in trained]))
-
-
-def einsum_expr(order: int) -> str:
-    src, dst = "abcde"[:order], "ABCDE"[:order]
-    return src + "," + ",".join(d + s for d, s in zip(dst, src, strict=True)) + "->" + dst
-
-
-def einsum_reconstruct(core, factors):
-    """G x_1 U_1 ... x_N U_N as one einsum (works on torch tensors and numpy arrays)."""
-    lib = np if isinstance(core, np.ndarray) else torch
-    return lib.einsum(einsum_expr(core.ndim), core, *factors)
 
 
 def one_hot_centre(dim: int) -> torch.Tensor:

@@ -16,6 +16,7 @@ from peft import get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from conftest import einsum_reconstruct
 from tucker_lora import TuckerLoraConfig, TuckerLoraLayer, functional
 from tucker_lora.functional import AdaptedConv, ConvGeometry
 from tucker_lora.testing import saved_activation_bytes
@@ -450,9 +451,7 @@ def _dense_delta(layer: TuckerLoraLayer, name: str, alpha: float) -> torch.Tenso
         else:
             U = getattr(layer, f"tucker_lora_U_{mode}")[name]
         factors.append(U)
-    src, dst = "abcde"[: core.ndim], "ABCDE"[: core.ndim]
-    expr = src + "," + ",".join(d + s for d, s in zip(dst, src, strict=True)) + "->" + dst
-    return alpha * torch.einsum(expr, core, *factors)
+    return alpha * einsum_reconstruct(core, factors)
 
 
 def _without_bias(base: nn.Module) -> nn.Module:
