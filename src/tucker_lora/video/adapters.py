@@ -82,9 +82,17 @@ def _weights(unet: nn.Module, names: Sequence[str]) -> list[tuple[str, Any]]:
     return [(n, modules[n].weight) for n in names]
 
 
-def tucker_num_params(unet: nn.Module, names: Sequence[str], ranks: Sequence[int]) -> int:
-    """Tucker-LoRA's trainable parameters on these layers (Proposition 1 per layer)."""
-    return sum(resolve_ranks(ranks, w.shape, n).num_params() for n, w in _weights(unet, names))
+def tucker_num_params(
+    unet: nn.Module,
+    names: Sequence[str],
+    ranks: Sequence[int],
+    rank_pattern: Optional[Mapping[str, Sequence[int]]] = None,
+) -> int:
+    """Tucker-LoRA's trainable parameters on these layers (Proposition 1 per layer), at ``ranks`` or, for a layer
+    in ``rank_pattern`` (keyed by escaped full layer name), at its own."""
+    pattern = rank_pattern or {}
+    layers = _weights(unet, names)
+    return sum(resolve_ranks(pattern.get(re.escape(n), ranks), w.shape, n).num_params() for n, w in layers)
 
 
 def lora_num_params(unet: nn.Module, names: Sequence[str], rank: int) -> int:
@@ -161,13 +169,8 @@ def plan_adapter(
         raise InputError("per-layer ranks (--ranks auto) are for --method tucker")
     names = target_layer_names(unet, target_modules)
     suffixes = minimal_suffixes((n for n, _ in unet.named_modules()), names)
-    if rank_pattern is not None:
-        pattern = {k: tuple(v) for k, v in rank_pattern.items()}
-        tucker_params = sum(
-            resolve_ranks(pattern.get(re.escape(n), ranks), w.shape, n).num_params() for n, w in _weights(unet, names)
-        )
-    else:
-        pattern, tucker_params = {}, tucker_num_params(unet, names, ranks)
+    pattern = {k: tuple(v) for k, v in (rank_pattern or {}).items()}
+    tucker_params = tucker_num_params(unet, names, ranks, pattern)
     if method == "tucker":
         config = TuckerLoraConfig(
             ranks=tuple(ranks),
