@@ -113,11 +113,7 @@ def frame_grid(
     scale = max(1, -(-min_size // min(h, w)))
     ch, cw = h * scale, w * scale
     label_h = 12 if labels else 0
-    if frames is None:
-        columns, cols = grid_frames(len(rows[0])), ("t=0", "t=mid", "t=end")
-    else:
-        columns = tuple(frames)
-        cols = tuple(f"t={t}" for t in columns)
+    cols = ("t=0", "t=mid", "t=end") if frames is None else tuple(f"t={t}" for t in frames)
     header = 12
     width = pad + len(cols) * (cw + pad)
     height = header + len(rows) * (label_h + ch + pad) + pad
@@ -132,7 +128,7 @@ def frame_grid(
         if labels:
             draw.text((pad + 2, y), str(labels[r]), fill=(0, 0, 0))
             y += label_h
-        for c, t in enumerate(grid_frames(len(video)) if frames is None else columns):
+        for c, t in enumerate(grid_frames(len(video)) if frames is None else frames):
             if not 0 <= t < len(video):
                 raise ValueError(f"frame_grid: video {r} has {len(video)} frames, no frame {t}")
             image = _pil(video[t]).resize((cw, ch), Image.NEAREST)
